@@ -1,0 +1,140 @@
+"""Small helpers shared by pockc's graph passes: op classification, node creation with fake
+metadata, dead-code elimination that respects mutation, and the PassResult convention."""
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+# Ops whose schema does not mark a mutated argument although the kernel writes it
+# (batch norm updates running_mean / running_var in place).
+HIDDEN_MUTATION = {
+    aten.native_batch_norm.default: (3, 4),
+    aten._native_batch_norm_legit.default: (3, 4),
+}
+for _name in ("cudnn_batch_norm", "miopen_batch_norm"):
+    if hasattr(aten, _name):
+        HIDDEN_MUTATION[getattr(aten, _name).default] = (3, 4)
+
+# Multi-output backward ops and the position of their output_mask argument.
+OUTPUT_MASK_ARG = {
+    aten.convolution_backward.default: 10,
+    aten.native_batch_norm_backward.default: 9,
+    aten.native_layer_norm_backward.default: 7,
+    aten.native_group_norm_backward.default: 9,
+}
+
+
+class PassResult(NamedTuple):
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+def is_aten(node: fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+
+
+def mutated_args(node: fx.Node) -> list:
+    """Argument nodes that ``node`` writes to."""
+    if not is_aten(node):
+        return []
+    out = []
+    schema = node.target._schema
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            if isinstance(v, fx.Node):
+                out.append(v)
+    for i in HIDDEN_MUTATION.get(node.target, ()):
+        if i < len(node.args) and isinstance(node.args[i], fx.Node):
+            out.append(node.args[i])
+    return out
+
+
+def is_view(node: fx.Node) -> bool:
+    """True when ``node``'s output aliases its first argument (views, and _unsafe_view, which
+    returns a view at run time although its schema does not say so)."""
+    if not is_aten(node):
+        return False
+    if node.target in (aten._unsafe_view.default, aten.alias.default):
+        return True
+    schema = node.target._schema
+    ret = schema.returns[0].alias_info if schema.returns else None
+    return ret is not None and not ret.is_write and not schema.is_mutable
+
+
+def is_impure(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    if not is_aten(node):
+        return False
+    return (bool(mutated_args(node)) or node.target._schema.is_mutable
+            or torch.Tag.nondeterministic_seeded in node.target.tags)
+
+
+def dce(gm: fx.GraphModule) -> bool:
+    """Remove nodes whose values are never used and which change nothing."""
+    changed = False
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and not is_impure(node):
+            gm.graph.erase_node(node)
+            changed = True
+    return changed
+
+
+def fake_val(x):
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+
+def fake_mode_of(gm: fx.GraphModule):
+    from torch._guards import detect_fake_mode
+    return detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+
+
+def call(graph: fx.Graph, target, args, kwargs=None, meta_from=None) -> fx.Node:
+    """Insert ``target(*args)`` at the graph's insertion point with a fake ``val`` computed by
+    running the op on the arguments' fake values."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, tuple(args), kwargs)
+    fargs = torch.utils._pytree.tree_map(fake_val, (tuple(args), kwargs))
+    mode = None
+    for v in torch.utils._pytree.tree_leaves(fargs):
+        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
+            mode = v.fake_mode
+            break
+    if mode is not None:
+        with mode:
+            node.meta["val"] = target(*fargs[0], **fargs[1])
+    if meta_from is not None:
+        for k, v in meta_from.meta.items():
+            if k.startswith("pockc.") and k not in node.meta:
+                node.meta[k] = v
+    return node
+
+
+def getitem(graph, node, i, meta_from=None):
+    g = graph.call_function(operator.getitem, (node, i))
+    val = node.meta.get("val")
+    if val is not None:
+        g.meta["val"] = val[i]
+    if meta_from is not None:
+        g.meta.update({k: v for k, v in meta_from.meta.items() if k.startswith("pockc.")})
+    return g
+
+
+def shape(node) -> tuple:
+    return tuple(node.meta["val"].shape)
+
+
+def reorder(graph: fx.Graph, order: list) -> None:
+    """Rearrange ``graph`` so its nodes appear in ``order`` (which must list every node)."""
+    assert len(order) == len(graph.nodes)
+    prev = order[0]
+    for n in order[1:]:
+        if prev.next is not n:
+            prev.append(n)
+        prev = n

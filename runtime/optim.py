@@ -1,0 +1,162 @@
+"""Optimizers that live inside the compiled training step.
+
+Each optimizer describes, for one trained tensor (a whole parameter or its selected rows):
+
+* ``state_names`` and ``init_state(t)`` -- the state tensors it keeps (zeros, shaped like ``t``);
+* ``scalar_names`` and ``scalars(step_count)`` -- host-side numbers that change from step to step
+  (learning rate, bias corrections); they enter the graph as 0-d float64 tensors, so changing
+  ``optimizer.lr`` between steps takes effect without recompiling;
+* ``update(p, g, state, scalars)`` -- plain torch code, traced into the graph, that updates ``p``
+  and the state in place.
+
+The arithmetic follows torch.optim's single-tensor (``foreach=False``) code path operation by
+operation, so one compiled step matches ``torch.optim`` within float rounding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+class Optimizer:
+    """Base class: subclasses are dataclasses of hyperparameters."""
+
+    state_names: tuple = ()
+    scalar_names: tuple = ()
+
+    def init_state(self, t: torch.Tensor) -> dict:
+        return {n: torch.zeros_like(t, memory_format=torch.contiguous_format) for n in self.state_names}
+
+    def scalars(self, step_count: int) -> dict:
+        raise NotImplementedError
+
+    def update(self, p, g, state, s):
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Optimizer":
+        d = dict(d)
+        cls = {"SGD": SGD, "AdamW": AdamW}[d.pop("type")]
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class SGD(Optimizer):
+    """Stochastic gradient descent with torch.optim.SGD's arguments and defaults.
+
+    >>> opt = SGD(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    """
+
+    lr: float = 1e-3
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+    def __post_init__(self):
+        _check(self.lr >= 0, f"SGD: invalid learning rate {self.lr}")
+        _check(self.momentum >= 0, f"SGD: invalid momentum {self.momentum}")
+        _check(self.weight_decay >= 0, f"SGD: invalid weight_decay {self.weight_decay}")
+        _check(not self.nesterov or (self.momentum > 0 and self.dampening == 0),
+               "SGD: nesterov momentum requires a momentum and zero dampening")
+
+    @property
+    def state_names(self):
+        return ("momentum_buffer",) if self.momentum != 0 else ()
+
+    @property
+    def scalar_names(self):
+        return ("neg_lr", "grad_scale") if self.momentum != 0 and self.dampening != 0 else ("neg_lr",)
+
+    def scalars(self, step_count):
+        s = {"neg_lr": -self.lr}
+        if "grad_scale" in self.scalar_names:
+            # torch.optim initialises the buffer with the raw gradient on the first step and
+            # dampens it afterwards; the buffer starts at zero here, so scale the first gradient by 1.
+            s["grad_scale"] = 1.0 if step_count == 0 else 1.0 - self.dampening
+        return s
+
+    def update(self, p, g, state, s):
+        if self.maximize:
+            g = torch.neg(g)
+        if self.weight_decay != 0:
+            g = g.add(p, alpha=self.weight_decay)
+        if self.momentum != 0:
+            buf = state["momentum_buffer"]
+            # Zero-initialised buffer: momentum * 0 + g == g exactly, as torch.optim's clone(g).
+            buf.mul_(self.momentum)
+            if "grad_scale" in s:
+                buf.addcmul_(g, s["grad_scale"])
+            else:
+                buf.add_(g)
+            g = g.add(buf, alpha=self.momentum) if self.nesterov else buf
+        p.addcmul_(g, s["neg_lr"])
+
+
+@dataclass
+class AdamW(Optimizer):
+    """AdamW with torch.optim.AdamW's arguments and defaults (amsgrad included).
+
+    >>> opt = AdamW(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    """
+
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    amsgrad: bool = False
+    maximize: bool = False
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        _check(self.lr >= 0, f"AdamW: invalid learning rate {self.lr}")
+        _check(self.eps >= 0, f"AdamW: invalid epsilon {self.eps}")
+        _check(all(0 <= b < 1 for b in self.betas), f"AdamW: invalid betas {self.betas}")
+        _check(self.weight_decay >= 0, f"AdamW: invalid weight_decay {self.weight_decay}")
+
+    @property
+    def state_names(self):
+        names = ("exp_avg", "exp_avg_sq")
+        return names + ("max_exp_avg_sq",) if self.amsgrad else names
+
+    scalar_names = ("decay", "neg_step_size", "bias_correction2_sqrt")
+
+    def scalars(self, step_count):
+        step = step_count + 1  # torch.optim increments its step before using it
+        beta1, beta2 = self.betas
+        return {
+            "decay": 1 - self.lr * self.weight_decay,
+            "neg_step_size": -self.lr / (1 - beta1 ** step),
+            "bias_correction2_sqrt": math.sqrt(1 - beta2 ** step),
+        }
+
+    def update(self, p, g, state, s):
+        beta1, beta2 = self.betas
+        if self.maximize:
+            g = torch.neg(g)
+        if self.weight_decay != 0:
+            p.mul_(s["decay"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if self.amsgrad:
+            max_sq = state["max_exp_avg_sq"]
+            max_sq.copy_(torch.maximum(max_sq, exp_avg_sq))
+            second = max_sq
+        else:
+            second = exp_avg_sq
+        denom = (second.sqrt() / s["bias_correction2_sqrt"]).add_(self.eps)
+        p.addcmul_(exp_avg / denom, s["neg_step_size"])

@@ -1,0 +1,141 @@
+"""TrainStep: run a compiled training step against the user's module.
+
+The step's graph takes, in order: trained parameters, frozen parameters, buffers, optimizer
+state, optimizer scalars and the batch tensors, and returns the loss. It updates the trained
+parameters, the optimizer state and the buffers (batch-norm statistics) in place, so the user's
+module stays the source of truth, as after ``optimizer.step()``.
+
+This module imports torch and pockc.runtime only: a saved step runs without the compiler.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import BatchError
+from .optim import Optimizer
+
+
+def batch_signature(batch) -> tuple:
+    """What a compiled step is specialized to: per element, (shape, dtype, device) or the value."""
+    sig = []
+    for b in batch:
+        if isinstance(b, torch.Tensor):
+            sig.append(("tensor", tuple(b.shape), b.dtype, b.device.type))
+        else:
+            sig.append(("const", repr(b)))
+    return tuple(sig)
+
+
+def _describe(sig):
+    if sig[0] == "tensor":
+        return f"{sig[2]} tensor of shape {list(sig[1])}".replace("torch.", "")
+    return f"constant {sig[1]}"
+
+
+class TrainStep:
+    """A compiled training step; call it like ``loss = step(*batch)``.
+
+    Attributes: ``graph`` (the torch.fx.GraphModule), ``code`` (its Python source over aten
+    ops), ``update_plan``, ``optimizer`` (change ``step.optimizer.lr`` between steps freely),
+    ``layout`` (the order of the graph's inputs), ``state`` (optimizer state tensors).
+    """
+
+    def __init__(self, model, graph, layout, optimizer: Optimizer, update_plan=None,
+                 example_batch=(), recompile=None, state=None):
+        self.model = model
+        self.layout = layout
+        self.optimizer = optimizer
+        self.update_plan = update_plan
+        self._signature = batch_signature(example_batch)
+        self._graphs = {self._signature: graph}
+        self._recompile = recompile
+        self._warned = False
+        self.step_count = 0
+        if state is None:
+            params = dict(model.named_parameters())
+            state = {}
+            for name, sel in layout.grads:
+                p = params[name].detach()
+                rows = p if sel is None else (p[sel[1]:sel[2]] if sel[0] == "slice"
+                                              else p.index_select(0, torch.as_tensor(_rows(sel), device=p.device)))
+                for s, t in optimizer.init_state(rows).items():
+                    state[(name, s)] = t
+        self.state = state
+
+    # -- the emitted program ---------------------------------------------------------------
+    @property
+    def graph(self):
+        return self._graphs[self._signature]
+
+    @property
+    def code(self) -> str:
+        return self.graph.code
+
+    # -- running ---------------------------------------------------------------------------
+    def _graph_for(self, batch):
+        sig = batch_signature(batch)
+        gm = self._graphs.get(sig)
+        if gm is not None:
+            return gm
+        ref = self._signature
+        if len(sig) != len(ref):
+            raise BatchError(f"batch has {len(sig)} elements, the step was compiled for {len(ref)}: "
+                             + ", ".join(_describe(s) for s in ref))
+        for i, (a, b) in enumerate(zip(sig, ref)):
+            if a[0] != b[0] or (a[0] == "const" and a != b):
+                raise BatchError(f"batch element {i} is a {_describe(a)}, the step was compiled for a {_describe(b)}")
+            if a[0] == "tensor" and (len(a[1]) != len(b[1]) or a[2] != b[2] or a[3] != b[3]):
+                raise BatchError(f"batch element {i} is a {_describe(a)} on {a[3]}, the step was compiled for a "
+                                 f"{_describe(b)} on {b[3]}: rank, dtype and device must match")
+        if self._recompile is None:
+            raise BatchError("batch shapes differ from the compiled ones and this step cannot recompile: "
+                             + ", ".join(_describe(s) for s in sig))
+        if not self._warned:
+            warnings.warn("pockc: batch shapes differ from the example batch; compiling a step specialized "
+                          "to them (compiled steps are cached per shape)", stacklevel=3)
+            self._warned = True
+        gm = self._recompile(batch)
+        self._graphs[sig] = gm
+        return gm
+
+    def inputs(self, batch) -> list:
+        """The flat list of tensors the graph takes for ``batch``."""
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        lay = self.layout
+        scalars = self.optimizer.scalars(self.step_count)
+        return ([params[n] for n in lay.params] + [params[n] for n in lay.frozen]
+                + [buffers[n] for n in lay.buffers] + [self.state[k] for k in map(tuple, lay.state)]
+                + [torch.tensor(scalars[s], dtype=torch.float64) for s in lay.scalars]
+                + [b for b in batch if isinstance(b, torch.Tensor)])
+
+    def __call__(self, *batch):
+        gm = self._graph_for(batch)
+        with torch.no_grad():
+            loss = gm(*self.inputs(batch))
+        self.step_count += 1
+        return loss[0] if isinstance(loss, (tuple, list)) else loss
+
+    def trainable_parameters(self) -> dict:
+        """name -> the trained tensor (a view of the selected rows for a slice selection)."""
+        params = dict(self.model.named_parameters())
+        out = {}
+        for name, sel in self.layout.grads:
+            p = params[name].detach()
+            out[name] = p if sel is None else (p[sel[1]:sel[2]] if sel[0] == "slice"
+                                               else p.index_select(0, torch.as_tensor(_rows(sel))))
+        return out
+
+    def print_trainable_parameters(self):
+        print(self.update_plan.summary() if self.update_plan is not None else "")
+
+    def __repr__(self):
+        n = len(self.graph.graph.nodes)
+        return (f"TrainStep({type(self.model).__name__}, trains {len(self.layout.grads)} tensors, "
+                f"{type(self.optimizer).__name__}, {n} graph nodes)")
+
+
+def _rows(sel):
+    return list(sel[1]) if not isinstance(sel[1], torch.Tensor) else sel[1]
