@@ -24,6 +24,33 @@ def _safe(name):
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
+def _shape_free(gm: fx.GraphModule) -> bool:
+    """True when no op in ``gm`` takes a shape or size, so the graph is valid for any shape."""
+    for n in gm.graph.nodes:
+        for a in torch.utils._pytree.tree_leaves((n.args, n.kwargs)):
+            if isinstance(a, int) and not isinstance(a, bool) and n.op == "call_function":
+                return False
+    return True
+
+
+_UPDATE_CACHE: dict = {}
+
+
+def _update_graph(optimizer, shape, pdtype, gdtype, state_names, scalar_names):
+    """The traced update, shared by every tensor when it is elementwise (it usually is)."""
+    key = (id(optimizer), repr(optimizer), pdtype, gdtype)
+    gm = _UPDATE_CACHE.get(key)
+    if gm is not None:
+        return gm
+    gm = _trace_update(optimizer, (2,), pdtype, gdtype, state_names, scalar_names)
+    if _shape_free(gm):
+        if len(_UPDATE_CACHE) > 64:
+            _UPDATE_CACHE.clear()
+        _UPDATE_CACHE[key] = gm
+        return gm
+    return _trace_update(optimizer, shape, pdtype, gdtype, state_names, scalar_names)
+
+
 def _trace_update(optimizer, shape, pdtype, gdtype, state_names, scalar_names):
     def fn(p, g, *rest):
         state = dict(zip(state_names, rest[:len(state_names)]))
@@ -85,7 +112,7 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer) -> PassResult:
                 target = graph.call_function(aten.index_select.default, (p, 0, idx))
             gval = g.meta["val"]
             pdtype = p.meta["val"].dtype
-            sub = _trace_update(optimizer, tuple(gval.shape), pdtype, gval.dtype, state_names, scalar_names)
+            sub = _update_graph(optimizer, tuple(gval.shape), pdtype, gval.dtype, state_names, scalar_names)
             sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
             val_map = dict(zip(sub_ph, [target, g] + [state_ph[(name, s)] for s in state_names]
                                + [scalar_ph[s] for s in scalar_names]))

@@ -1,0 +1,441 @@
+"""Core CPU benchmark (issue 2): step time and peak memory of eager full fine-tuning, eager
+PyTorch with the same trainable set, and the pockc step.
+
+    python -m benchmarks.bench_core            # full sizes, 10 timed steps per variant
+    python -m benchmarks.bench_core --quick    # tiny sizes, a smoke test (< 1 minute);
+                                               # writes core_cpu_quick.{json,md}
+
+Models (from pockc.zoo) and update policies:
+
+* MobileNetV2 (batch 8, 128x128, width 1.0), pockc.SGD(lr=0.01, momentum=0.9):
+  ``full``, ``last:4+head``, ``bias``;
+* Llama-style decoder (d=512, 8 layers, 8 heads, seq 256, batch 4, vocab 8000),
+  pockc.AdamW(lr=1e-4): ``full``, ``last:2``, ``{"layers.7.*": "channels:0.25"}``.
+
+Variants, each on its own deep copy of the model:
+
+* ``eager_full`` -- every parameter trained with torch.optim;
+* ``eager_same`` -- the trainable set of the pockc plan, trained the way tests/oracle.py does it:
+  frozen parameters have ``requires_grad=False``; a channel-sparse parameter keeps
+  ``requires_grad=True`` (autograd computes its full gradient) and a separate leaf holding the
+  selected rows is what torch.optim updates (its ``.grad`` is the selected rows of the
+  parameter's gradient; the rows are written back after ``opt.step()``). For a contiguous row
+  range the rows are taken with a slice rather than the oracle's index tensor (same scheme,
+  cheaper). For ``update="full"`` this is exactly ``eager_full``, which is reused;
+* ``pockc`` -- ``pockc.compile(...)`` of the same policy; compile time is reported separately
+  and never timed as a step.
+
+The eager loop is ``opt.zero_grad(set_to_none=True); loss = loss_fn(model, *batch);
+loss.backward(); opt.step()``. torch.optim is built with its default ``foreach=None``, which on
+CPU resolves to the single-tensor (for-loop) implementation, the code path whose arithmetic
+pockc's in-graph optimizers follow; the resolved value is recorded in the JSON.
+
+Timing: ``--warmup`` steps per variant (default 2), then ``--steps`` timed steps (default 10)
+taken round-robin over the variants of one model (the starting variant rotates each round), so
+machine noise spreads over all of them; medians, min and max are reported, and ratios are
+taken from figures measured in this one run (also as the median of per-round paired ratios).
+
+Memory: one more, untimed step per variant under ``pockc.runtime.memory.measure_peak``: the
+peak of tensor storage *allocated during the step* (activations, gradients, temporaries;
+exact on CPU, see runtime/memory.py), plus ``resident_bytes``, the distinct storage of what
+lives across steps (parameters, buffers, optimizer state, the eager channel-sparse leaves).
+Gradients of the previous step are released before the measured step, as ``zero_grad`` does.
+
+Threads: ``--threads`` (default 1; see DEFAULT_THREADS below for why) -- both the requested
+and torch's default thread counts are recorded.
+
+Output: benchmarks/results/core_cpu.json (machine, commit, date, every figure) and
+benchmarks/results/core_cpu.md (a GitHub-flavoured Markdown table).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+import pockc
+from pockc import zoo
+from pockc.runtime.memory import measure_peak, storage_bytes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# One intra-op thread by default: this is a 2-vCPU machine shared with other jobs, and with two
+# OpenMP threads a step slows down ~20x whenever another process holds a core (threads spin /
+# wait at every parallel region's barrier): measured, MobileNetV2 batch 8 @128px eager full step
+# 0.38 s with 1 thread vs 7.6 s with 2 threads while one other process was busy. Pass
+# --threads 0 for torch's default (all cores) on a quiet machine.
+DEFAULT_THREADS = 1
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- configuration
+def model_specs(quick: bool, sizes: dict | None = None, updates: dict | None = None) -> list[dict]:
+    """The benchmarked models; ``sizes`` ({model: {kwarg: value}}) overrides builder kwargs and
+    ``updates`` ({model: [policy, ...]}) the policies."""
+    sizes, updates = sizes or {}, updates or {}
+    mb = dict(batch=2, image=32, width=0.25) if quick else dict(batch=8, image=128, width=1.0)
+    ll = (dict(batch=1, seq=32, vocab=256, d=64, heads=4, layers=2) if quick
+          else dict(batch=4, seq=256, vocab=8000, d=512, heads=8, layers=8))
+    mb.update(sizes.get("mobilenet_v2", {}))
+    ll.update(sizes.get("llama", {}))
+    last = ll["layers"] - 1
+    specs = [
+        dict(name="mobilenet_v2", builder=zoo.mobilenet_v2, sizes=mb,
+             optimizer=pockc.SGD(lr=0.01, momentum=0.9),
+             updates=["full", "last:4+head", "bias"]),
+        dict(name="llama", builder=zoo.llama, sizes=ll,
+             optimizer=pockc.AdamW(lr=1e-4),
+             updates=["full", "last:2", {f"layers.{last}.*": "channels:0.25"}]),
+    ]
+    for spec in specs:
+        spec["updates"] = list(updates.get(spec["name"], spec["updates"]))
+    return specs
+
+
+def update_label(update) -> str:
+    return update if isinstance(update, str) else json.dumps(update)
+
+
+# --------------------------------------------------------------------------- eager baselines
+def torch_optimizer(opt: pockc.Optimizer, params):
+    """torch.optim twin of a pockc optimizer, with torch.optim's default ``foreach``."""
+    cfg = {k: v for k, v in opt.to_dict().items() if k != "type"}
+    cls = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[type(opt).__name__]
+    return cls(params, **cfg)
+
+
+def resolved_foreach(params) -> bool:
+    """What torch.optim's ``foreach=None`` resolves to for ``params``."""
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+        return bool(_default_to_fused_or_foreach(list(params), differentiable=False, use_fused=False)[1])
+    except Exception:  # noqa: BLE001 -- private API; record "unknown" rather than fail
+        return None
+
+
+class EagerStep:
+    """One eager training step; ``plan=None`` trains every parameter."""
+
+    def __init__(self, model, loss_fn, opt: pockc.Optimizer, plan=None):
+        self.model, self.loss_fn = model, loss_fn
+        params = dict(model.named_parameters())
+        self.sparse = []  # (parameter, row index, leaf holding those rows)
+        if plan is None:
+            leaves = list(params.values())
+        else:
+            for p in params.values():
+                p.requires_grad_(False)
+            leaves = []
+            for name in plan.trainable_names():
+                p = params[name]
+                p.requires_grad_(True)
+                sel = plan.selection(name)
+                if sel is None:
+                    leaves.append(p)
+                    continue
+                idx = slice(sel[1], sel[2]) if sel[0] == "slice" else torch.tensor(list(sel[1]), device=p.device)
+                leaf = p.detach()[idx].clone().requires_grad_(True)
+                leaves.append(leaf)
+                self.sparse.append((p, idx, leaf))
+        self.leaves = leaves
+        self.opt = torch_optimizer(opt, leaves)
+        self.foreach = resolved_foreach(leaves)
+
+    def release_grads(self):
+        self.opt.zero_grad(set_to_none=True)
+        for p, _, _ in self.sparse:
+            p.grad = None
+
+    def __call__(self, *batch):
+        self.release_grads()
+        loss = self.loss_fn(self.model, *batch)
+        loss.backward()
+        for p, idx, leaf in self.sparse:
+            leaf.grad = None if p.grad is None else p.grad[idx]
+        self.opt.step()
+        if self.sparse:
+            with torch.no_grad():
+                for p, idx, leaf in self.sparse:
+                    p[idx] = leaf
+        return loss.detach()
+
+    def resident(self):
+        state = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return (list(self.model.parameters()) + list(self.model.buffers()) + state
+                + [leaf for _, _, leaf in self.sparse])
+
+
+class PockcStep:
+    def __init__(self, model, loss_fn, batch, update, opt):
+        self.model = model
+        self.step = pockc.compile(model, loss_fn, batch, update=update, optimizer=copy.deepcopy(opt))
+        self.compile_seconds = self.step.compile_seconds
+
+    def release_grads(self):
+        pass
+
+    def __call__(self, *batch):
+        return self.step(*batch)
+
+    def resident(self):
+        return list(self.model.parameters()) + list(self.model.buffers()) + list(self.step.state.values())
+
+
+# --------------------------------------------------------------------------- measuring
+def summarize(times_s):
+    ms = [t * 1e3 for t in times_s]
+    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms),
+            "mean": statistics.fmean(ms), "samples": [round(m, 3) for m in ms]}
+
+
+def measure_memory(runner, batch):
+    runner.release_grads()
+    gc.collect()
+    resident = storage_bytes(runner.resident())
+    _, peak = measure_peak(runner, *batch)
+    return {"peak_bytes": peak, "resident_bytes": resident, "peak_total_bytes": resident + peak}
+
+
+def bench_model(spec, steps, warmup, bar):
+    ex = spec["builder"](**spec["sizes"])
+    opt = spec["optimizer"]
+    batch = ex.example_batch
+    n_params = sum(p.numel() for p in ex.model.parameters())
+    variants = {}  # key -> runner
+
+    bar.set_description(f"{spec['name']}: eager_full setup")
+    variants["eager_full"] = EagerStep(copy.deepcopy(ex.model), ex.loss_fn, opt)
+    configs = []
+    for update in spec["updates"]:
+        label = update_label(update)
+        bar.set_description(f"{spec['name']} {label}: compiling")
+        pk = PockcStep(copy.deepcopy(ex.model), ex.loss_fn, batch, update, opt)
+        plan = pk.step.update_plan
+        trained, total = plan.counts()
+        same_key = "eager_full" if plan.counts()[0] == n_params and not any(
+            plan.selection(n) is not None for n in plan.trainable_names()) else f"eager_same[{label}]"
+        if same_key not in variants:
+            variants[same_key] = EagerStep(copy.deepcopy(ex.model), ex.loss_fn, opt, plan)
+        variants[f"pockc[{label}]"] = pk
+        configs.append(dict(update=update, label=label, same_key=same_key, pockc_key=f"pockc[{label}]",
+                            trainable_tensors=len(plan.trainable_names()), trained_params=trained,
+                            compile_s=pk.compile_seconds))
+        bar.update(1)
+
+    keys = list(variants)
+    for k in keys:
+        bar.set_description(f"{spec['name']}: warmup {k}")
+        for _ in range(warmup):
+            variants[k](*batch)
+        bar.update(warmup)
+    times = {k: [] for k in keys}
+    for r in range(steps):
+        bar.set_description(f"{spec['name']}: timed round {r + 1}/{steps}")
+        for i in range(len(keys)):
+            k = keys[(r + i) % len(keys)]
+            gc.collect()
+            t0 = time.perf_counter()
+            variants[k](*batch)
+            times[k].append(time.perf_counter() - t0)
+            bar.update(1)
+    memory = {}
+    for k in keys:
+        bar.set_description(f"{spec['name']}: memory {k}")
+        memory[k] = measure_memory(variants[k], batch)
+        bar.update(1)
+
+    def fig(k):
+        out = {"time_ms": summarize(times[k]), **memory[k]}
+        if isinstance(variants[k], EagerStep):
+            out["torch_optim_foreach"] = variants[k].foreach
+        return out
+
+    result = {"sizes": spec["sizes"], "optimizer": opt.to_dict(), "params": n_params,
+              "eager_full": fig("eager_full"), "configs": []}
+    full_t = times["eager_full"]
+    for c in configs:
+        same_t, pk_t = times[c["same_key"]], times[c["pockc_key"]]
+        same, pk = fig(c["same_key"]), fig(c["pockc_key"])
+        pk["compile_s"] = c["compile_s"]
+        med = lambda xs: statistics.median(xs)  # noqa: E731
+        result["configs"].append({
+            "update": c["update"], "label": c["label"],
+            "trainable_tensors": c["trainable_tensors"], "trained_params": c["trained_params"],
+            "trained_fraction": c["trained_params"] / n_params,
+            "eager_same_is_eager_full": c["same_key"] == "eager_full",
+            "eager_same": same, "pockc": pk,
+            "ratios": {
+                "eager_same_over_pockc": med(same_t) / med(pk_t),
+                "eager_full_over_pockc": med(full_t) / med(pk_t),
+                "eager_same_over_pockc_paired": med([a / b for a, b in zip(same_t, pk_t)]),
+                "eager_full_over_pockc_paired": med([a / b for a, b in zip(full_t, pk_t)]),
+                "peak_eager_same_over_pockc": same["peak_bytes"] / max(pk["peak_bytes"], 1),
+                "peak_eager_full_over_pockc": result["eager_full"]["peak_bytes"] / max(pk["peak_bytes"], 1),
+            },
+        })
+    return result
+
+
+# --------------------------------------------------------------------------- reporting
+def machine_info():
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu,
+            "cpu_cores": os.cpu_count(), "torch": torch.__version__, "torch_num_threads": torch.get_num_threads()}
+
+
+def git_commit():
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def claims(models, quick):
+    out = []
+    for name, m in models.items():
+        for c in m["configs"]:
+            r = c["ratios"]["eager_same_over_pockc"]
+            out.append({"claim": "pockc no slower than eager with the same trainable set", "model": name,
+                        "update": c["label"], "ratio": r, "threshold": 1.0, "pass": r >= 1.0})
+            if name == "llama" and c["label"] == "last:2":
+                r = c["ratios"]["eager_full_over_pockc"]
+                out.append({"claim": "pockc last:2 on the decoder >= 1.8x faster than eager full fine-tuning",
+                            "model": name, "update": c["label"], "ratio": r, "threshold": 1.8, "pass": r >= 1.8})
+    for c in out:
+        c["quick_mode"] = quick
+    return out
+
+
+def _fmt_load(la):
+    return "/".join(f"{x:.2f}" for x in la) if la else "n/a"
+
+
+def markdown(res) -> str:
+    rows = []
+    for name, m in res["models"].items():
+        ef = m["eager_full"]
+        for c in m["configs"]:
+            s, p, r = c["eager_same"], c["pockc"], c["ratios"]
+            t = lambda f: f"{f['time_ms']['median']:.1f} ({f['time_ms']['min']:.0f}-{f['time_ms']['max']:.0f})"  # noqa: E731
+            rows.append([name, c["label"], f"{c['trained_params']:,} ({100 * c['trained_fraction']:.1f}%)",
+                         t(ef), t(s) + (" =full" if c["eager_same_is_eager_full"] else ""), t(p),
+                         f"{r['eager_same_over_pockc']:.2f}x", f"{r['eager_full_over_pockc']:.2f}x",
+                         f"{ef['peak_bytes'] / MiB:.1f}", f"{s['peak_bytes'] / MiB:.1f}", f"{p['peak_bytes'] / MiB:.1f}",
+                         f"{p['compile_s']:.1f}"])
+    headers = ["model", "update", "trained params", "eager full ms", "eager same ms", "pockc ms",
+               "same/pockc", "full/pockc", "peak MiB eager full", "peak MiB eager same", "peak MiB pockc",
+               "compile s"]
+    mi = res["machine"]
+    lines = [f"# Core CPU benchmark{' (quick mode)' if res['settings']['quick'] else ''}", "",
+             f"{res['date']}, commit {res['git_commit']}; {mi['cpu_model']}, {mi['cpu_cores']} cores, "
+             f"torch {mi['torch']} ({mi['torch_num_threads']} threads), {mi['platform']}; load average "
+             f"{_fmt_load(mi.get('load_average_start'))} at start, {_fmt_load(mi.get('load_average_end'))} at end.", "",
+             f"Step times: median (min-max) ms over {res['settings']['steps']} timed steps after "
+             f"{res['settings']['warmup']} warm-up steps, variants interleaved round-robin in one run. "
+             "Peak: MiB of tensor storage allocated during one step (parameters, buffers and optimizer "
+             "state excluded; see `resident_bytes` in the JSON). Ratios > 1 mean pockc is faster / smaller.",
+             "", tabulate(rows, headers=headers, tablefmt="github"), ""]
+    for c in res["claims"]:
+        lines.append(f"- {'PASS' if c['pass'] else 'FAIL'}: {c['claim']} ({c['model']}, {c['update']}): "
+                     f"{c['ratio']:.2f}x (needs >= {c['threshold']}x)")
+    return "\n".join(lines) + "\n"
+
+
+def load_average():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def run(quick=False, steps=None, warmup=None, out_dir=RESULTS, models=None, sizes=None, updates=None,
+        progress=True, name="core_cpu", threads=DEFAULT_THREADS):
+    """Run the benchmark, write ``{name}.json`` and ``{name}.md`` under ``out_dir``; return the dict.
+
+    ``threads``: torch.set_num_threads for the run (restored afterwards); 0 or None keeps torch's
+    default."""
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(quick, steps, warmup, out_dir, models, sizes, updates, progress, name, default_threads)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run(quick, steps, warmup, out_dir, models, sizes, updates, progress, name, default_threads):
+    steps = steps if steps is not None else (3 if quick else 10)
+    warmup = warmup if warmup is not None else (1 if quick else 2)
+    specs = [s for s in model_specs(quick, sizes, updates) if models is None or s["name"] in models]
+    n_units = 0
+    for s in specs:
+        n_var = 1 + sum(2 - (u == "full") for u in s["updates"])
+        n_units += len(s["updates"]) + n_var * (warmup + steps + 1)
+    res = {"benchmark": "core_cpu", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "machine": machine_info(),
+           "settings": {"quick": quick, "steps": steps, "warmup": warmup,
+                        "torch_optim": "default foreach=None (resolved per variant in torch_optim_foreach)",
+                        "memory": "peak_bytes: peak of storage allocated during one untimed step "
+                                  "(pockc.runtime.memory.measure_peak); resident_bytes: parameters, "
+                                  "buffers, optimizer state"},
+           "models": {}}
+    res["machine"]["torch_default_num_threads"] = default_threads
+    res["machine"]["load_average_start"] = load_average()  # 1/5/15-min: other processes' noise
+    t0 = time.perf_counter()
+    with tqdm(total=n_units, unit="step", disable=not progress, file=sys.stderr) as bar:
+        for s in specs:
+            res["models"][s["name"]] = bench_model(s, steps, warmup, bar)
+    res["machine"]["load_average_end"] = load_average()
+    res["wall_s"] = time.perf_counter() - t0
+    res["claims"] = claims(res["models"], quick)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown(res))
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_core", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and 3 steps: a smoke test")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10; 3 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 2; 1 with --quick)")
+    ap.add_argument("--models", default=None, help="comma-separated subset of: mobilenet_v2,llama")
+    ap.add_argument("--out", default=str(RESULTS), help="output directory (default benchmarks/results)")
+    ap.add_argument("--name", default=None, help="output file stem (default core_cpu, core_cpu_quick with --quick)")
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                    help=f"torch.set_num_threads for the run (default {DEFAULT_THREADS}; 0 = torch's default)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    name = a.name or ("core_cpu_quick" if a.quick else "core_cpu")
+    res = run(a.quick, a.steps, a.warmup, a.out, a.models.split(",") if a.models else None,
+              progress=not a.no_progress, name=name, threads=a.threads)
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

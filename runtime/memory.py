@@ -1,0 +1,259 @@
+"""Peak memory of one call: ``measure_peak(fn, *args, **kwargs) -> (result, peak_bytes)``.
+
+What is reported
+----------------
+``peak_bytes`` is the high-water mark of the bytes of tensor storage **allocated during the
+call** and still alive at that moment. Storage that existed before the call (the arguments,
+the model's parameters and buffers, optimizer state from earlier steps, gradients kept from an
+earlier step) is *excluded*, even when the call writes to it in place. Use
+:func:`measure_peak_total` to add a given set of pre-existing tensors as a constant baseline.
+
+Storage allocated during the call and still alive when it returns (new ``.grad`` tensors,
+optimizer state created on a first step, the returned loss) counts towards the peak like any
+other allocation; :class:`CpuPeakTracker` also reports it as ``retained``.
+
+CPU: an exact tracker of live tensor storage
+--------------------------------------------
+A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten op dispatched while
+it is active, including the backward ops of eager autograd (checked: on CPU the autograd engine
+runs backward on the calling thread, and in any case it propagates the dispatch-mode TLS to the
+threads it uses). For each tensor an op returns, the tracker takes its untyped storage:
+
+* a storage already tracked (a view, or an in-place op on a tensor allocated during the call)
+  is counted once;
+* a storage shared with one of the op's tensor inputs (views and in-place ops of pre-existing
+  tensors) is not new and is not counted;
+* otherwise it is a new allocation: its ``nbytes`` are added to the live total and a
+  ``weakref.finalize`` on the storage object removes them when the storage is freed. PyTorch
+  keeps a storage's Python object alive for as long as the C++ storage lives (PyObject
+  preservation), so the finalizer fires exactly when the memory is released, including for
+  tensors held only by C++ (autograd's saved tensors).
+
+A storage that an op grows in place (``resize_``, ``out=`` kernels) is re-measured; a
+pre-existing storage grown by an op counts by what it grew. The peak is
+taken after every op, when its inputs and outputs are both alive.
+
+Limits of the CPU tracker (all documented, none affects pockc's or eager's ordinary steps):
+memory a kernel allocates internally and frees before returning (oneDNN / MKL scratch, the
+temporaries of a fused SDPA kernel, workspaces) never appears as a tensor and is not seen;
+tensors made without the dispatcher (``torch.from_numpy``, ``torch.frombuffer``) are not seen;
+allocator rounding/caching is not modelled (bytes are ``storage.nbytes()``). Tensors created by
+``torch.tensor(...)`` are seen through ``aten.lift_fresh``.
+
+CUDA
+----
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+``memory_allocated`` at entry: the same quantity (peak of new allocations), as seen by the
+caching allocator (block-rounded, and including kernel workspaces).
+
+This module imports torch only; it is part of pockc's runtime.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["measure_peak", "measure_peak_total", "storage_bytes", "CpuPeakTracker", "track_peak"]
+
+# ops whose output may be an input tensor object the mode has never seen (torch.tensor(...)).
+_FRESH = {torch.ops.aten.lift_fresh.default}
+if hasattr(torch.ops.aten, "lift_fresh_copy"):
+    _FRESH.add(torch.ops.aten.lift_fresh_copy.default)
+
+
+def _storage(t):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, AttributeError):  # sparse, nested, meta-less
+        return None
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (an iterable / pytree of tensors)."""
+    flat, _ = tree_flatten(list(tensors) if not isinstance(tensors, torch.Tensor) else [tensors])
+    seen, total = set(), 0
+    for t in flat:
+        if isinstance(t, torch.Tensor):
+            s = _storage(t)
+            if s is None or s.device.type == "meta":
+                continue
+            key = (s.device.type, s.device.index, s.data_ptr())
+            if s.nbytes() and key not in seen:
+                seen.add(key)
+                total += s.nbytes()
+    return total
+
+
+class CpuPeakTracker(TorchDispatchMode):
+    """Dispatch mode tracking the live bytes of storages allocated while it is active.
+
+    Attributes after (or during) use: ``current`` (bytes allocated inside and alive now),
+    ``peak`` (high-water mark of ``current``), ``retained`` (``current`` when the mode exited),
+    ``allocations`` (number of new storages seen), ``total_allocated`` (sum of their bytes).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+        self._live = {}  # id(storage object) -> [weakref to storage, nbytes, finalizer]
+        self.current = 0
+        self.peak = 0
+        self.retained = 0
+        self.allocations = 0
+        self.total_allocated = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    # An entry is [weakref to the storage, counted bytes, finalizer, base bytes]; base is the
+    # size a pre-existing storage had before an op grew it in place (not counted).
+    def _freed(self, key):
+        with self._lock:
+            entry = self._live.pop(key, None)
+            if entry is not None:
+                self.current -= entry[1]
+
+    def _track(self, s, base=0):
+        counted = max(0, s.nbytes() - base)
+        key = id(s)
+        with self._lock:
+            entry = self._live.get(key)
+            if entry is not None and entry[0]() is s:
+                counted = max(0, s.nbytes() - entry[3])
+                if counted != entry[1]:  # grown / shrunk in place (resize_)
+                    self.current += counted - entry[1]
+                    self.total_allocated += max(0, counted - entry[1])
+                    entry[1] = counted
+                    self.peak = max(self.peak, self.current)
+                return
+            # zero-byte storages are tracked too: resize_ may grow them later
+            self._live[key] = [weakref.ref(s), counted, weakref.finalize(s, self._freed, key), base]
+            self.current += counted
+            self.allocations += counted > 0
+            self.total_allocated += counted
+            self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ins, _ = tree_flatten((args, kwargs))
+        before = {}  # id(storage) -> (storage, nbytes) of the op's inputs, before the op
+        for t in ins:
+            if isinstance(t, torch.Tensor):
+                s = _storage(t)
+                if s is not None:
+                    before[id(s)] = (s, s.nbytes())
+        out = func(*args, **kwargs)
+        outs, _ = tree_flatten(out)
+        fresh = func in _FRESH
+        for o in outs:
+            if not isinstance(o, torch.Tensor):
+                continue
+            s = _storage(o)
+            if s is None or s.device.type == "meta":
+                continue
+            prev = before.get(id(s))
+            if prev is not None and prev[0] is s and not fresh:
+                # a view of / in-place write to an input: counted already if allocated during
+                # the call (re-measured if resized); a pre-existing storage counts only by
+                # what an op grew it by.
+                if id(s) in self._live or s.nbytes() > prev[1]:
+                    self._track(s, base=prev[1])
+                continue
+            self._track(s)
+        return out
+
+    def __exit__(self, *exc):
+        r = super().__exit__(*exc)
+        with self._lock:
+            self.retained = self.current
+            entries = list(self._live.values())
+            self._live.clear()
+        for _, _, fin, _ in entries:  # storages outliving the call no longer call back into us
+            fin.detach()
+        return r
+
+
+class _CudaPeak:
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak = self.retained = 0
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        self.retained = torch.cuda.memory_allocated(self.device) - self._base
+        return False
+
+
+def track_peak(device="cpu"):
+    """Context manager; ``.peak`` holds the peak bytes allocated inside the block on exit.
+
+    >>> with track_peak() as t:
+    ...     x = torch.empty(1000, dtype=torch.uint8)
+    ...     y = torch.empty(500, dtype=torch.uint8)
+    >>> t.peak
+    1500
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _CudaPeak(device)
+    if device.type != "cpu":
+        raise ValueError(f"measure_peak: unsupported device {device}")
+    return CpuPeakTracker()
+
+
+def _device_of(args, kwargs):
+    flat, _ = tree_flatten((args, kwargs))
+    for t in flat:
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            return t.device
+    for t in flat:  # a module or bound method of one (e.g. a TrainStep holds .model)
+        mod = t if isinstance(t, torch.nn.Module) else getattr(t, "model", None)
+        if isinstance(mod, torch.nn.Module):
+            for p in mod.parameters():
+                if p.device.type == "cuda":
+                    return p.device
+    return torch.device("cpu")
+
+
+def measure_peak(fn, *args, **kwargs):
+    """Call ``fn(*args, **kwargs)``; return ``(result, peak_bytes)``.
+
+    ``peak_bytes``: the peak of live tensor storage *allocated during the call* (see the module
+    docstring); pre-existing tensors (arguments, parameters) are excluded. The device is CUDA
+    when a tensor argument (or a module argument's parameter) is on CUDA, otherwise CPU; for
+    closures over CUDA tensors use ``with track_peak("cuda") as t: ...`` instead.
+
+    >>> _, peak = measure_peak(lambda: torch.zeros(256, dtype=torch.float32) + 1)
+    >>> peak   # the zeros (1 KiB) and the sum (1 KiB) are alive together
+    2048
+    """
+    with track_peak(_device_of(args, kwargs)) as t:
+        result = fn(*args, **kwargs)
+    return result, t.peak
+
+
+def measure_peak_total(fn, *args, tensors=(), **kwargs):
+    """Like :func:`measure_peak`, plus the bytes of the pre-existing ``tensors`` (e.g.
+    ``list(model.parameters()) + list(model.buffers())``), deduplicated by storage.
+
+    ``tensors`` may hold tensors, modules (their parameters and buffers count) and pytrees.
+    Returns ``(result, baseline_bytes + peak_bytes)``.
+    """
+    flat = []
+    for t in (tensors if isinstance(tensors, (list, tuple)) else [tensors]):
+        if isinstance(t, torch.nn.Module):
+            flat += list(t.parameters()) + list(t.buffers())
+        else:
+            flat.append(t)
+    baseline = storage_bytes(flat)
+    result, peak = measure_peak(fn, *args, **kwargs)
+    return result, baseline + peak
