@@ -1,0 +1,5 @@
+import sys
+
+from pockc.cli import main
+
+sys.exit(main())
