@@ -15,9 +15,10 @@ other allocation; :class:`CpuPeakTracker` also reports it as ``retained``.
 CPU: an exact tracker of live tensor storage
 --------------------------------------------
 A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten op dispatched while
-it is active, including the backward ops of eager autograd (checked: on CPU the autograd engine
-runs backward on the calling thread, and in any case it propagates the dispatch-mode TLS to the
-threads it uses). For each tensor an op returns, the tracker takes its untyped storage:
+it is active, including the backward ops of eager autograd (checked in
+tests/test_memory_measure.py: on CPU the autograd engine runs backward on the calling thread;
+for device threads it carries the dispatch-mode stack along with the rest of
+``at::ThreadLocalState``). For each tensor an op returns, the tracker takes its untyped storage:
 
 * a storage already tracked (a view, or an in-place op on a tensor allocated during the call)
   is counted once;
@@ -33,12 +34,14 @@ A storage that an op grows in place (``resize_``, ``out=`` kernels) is re-measur
 pre-existing storage grown by an op counts by what it grew. The peak is
 taken after every op, when its inputs and outputs are both alive.
 
-Limits of the CPU tracker (all documented, none affects pockc's or eager's ordinary steps):
-memory a kernel allocates internally and frees before returning (oneDNN / MKL scratch, the
-temporaries of a fused SDPA kernel, workspaces) never appears as a tensor and is not seen;
+Limits of the CPU tracker: memory a kernel allocates internally and frees before returning
+(oneDNN / MKL scratch, the temporaries of a fused SDPA kernel, im2col buffers of the slow conv
+path) never appears as a tensor and is not seen -- it is transient and missing from eager's and
+pockc's figures alike;
 tensors made without the dispatcher (``torch.from_numpy``, ``torch.frombuffer``) are not seen;
 allocator rounding/caching is not modelled (bytes are ``storage.nbytes()``). Tensors created by
-``torch.tensor(...)`` are seen through ``aten.lift_fresh``.
+``torch.tensor(...)`` are seen through ``aten.lift_fresh``. The mode costs Python work per op:
+measure in an untimed call.
 
 CUDA
 ----
@@ -229,14 +232,15 @@ def measure_peak(fn, *args, **kwargs):
 
     ``peak_bytes``: the peak of live tensor storage *allocated during the call* (see the module
     docstring); pre-existing tensors (arguments, parameters) are excluded. The device is CUDA
-    when a tensor argument (or a module argument's parameter) is on CUDA, otherwise CPU; for
+    when a tensor argument, or a parameter of a module passed as ``fn`` or an argument (or of
+    the ``.model`` of one, e.g. a pockc TrainStep), is on CUDA, otherwise CPU; for
     closures over CUDA tensors use ``with track_peak("cuda") as t: ...`` instead.
 
     >>> _, peak = measure_peak(lambda: torch.zeros(256, dtype=torch.float32) + 1)
     >>> peak   # the zeros (1 KiB) and the sum (1 KiB) are alive together
     2048
     """
-    with track_peak(_device_of(args, kwargs)) as t:
+    with track_peak(_device_of((fn,) + args, kwargs)) as t:
         result = fn(*args, **kwargs)
     return result, t.peak
 

@@ -159,4 +159,6 @@ class AdamW(Optimizer):
         else:
             second = exp_avg_sq
         denom = (second.sqrt() / s["bias_correction2_sqrt"]).add_(self.eps)
-        p.addcmul_(exp_avg / denom, s["neg_step_size"])
+        # p - step_size * exp_avg / denom, without a temporary as large as p: fold the step size
+        # into denom (which is ours to overwrite) and use one addcdiv_.
+        p.addcdiv_(exp_avg, denom.div_(s["neg_step_size"]))
