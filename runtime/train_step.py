@@ -57,10 +57,7 @@ class TrainStep:
             params = dict(model.named_parameters())
             state = {}
             for name, sel in layout.grads:
-                p = params[name].detach()
-                rows = p if sel is None else (p[sel[1]:sel[2]] if sel[0] == "slice"
-                                              else p.index_select(0, torch.as_tensor(_rows(sel), device=p.device)))
-                for s, t in optimizer.init_state(rows).items():
+                for s, t in optimizer.init_state(selected_rows(params[name].detach(), sel)).items():
                     state[(name, s)] = t
         self.state = state
 
@@ -123,9 +120,7 @@ class TrainStep:
         params = dict(self.model.named_parameters())
         out = {}
         for name, sel in self.layout.grads:
-            p = params[name].detach()
-            out[name] = p if sel is None else (p[sel[1]:sel[2]] if sel[0] == "slice"
-                                               else p.index_select(0, torch.as_tensor(_rows(sel))))
+            out[name] = selected_rows(params[name].detach(), sel)
         return out
 
     def print_trainable_parameters(self):
@@ -137,5 +132,10 @@ class TrainStep:
                 f"{type(self.optimizer).__name__}, {n} graph nodes)")
 
 
-def _rows(sel):
-    return list(sel[1]) if not isinstance(sel[1], torch.Tensor) else sel[1]
+def selected_rows(p, sel):
+    """The trained part of ``p``: itself, a view of rows a:b, or a gathered copy of listed rows."""
+    if sel is None:
+        return p
+    if sel[0] == "slice":
+        return p[sel[1]:sel[2]]
+    return p.index_select(0, torch.as_tensor(list(sel[1]), device=p.device))
