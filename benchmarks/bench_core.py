@@ -109,11 +109,12 @@ def update_label(update) -> str:
 
 
 # --------------------------------------------------------------------------- eager baselines
-def torch_optimizer(opt: pockc.Optimizer, params):
-    """torch.optim twin of a pockc optimizer, with torch.optim's default ``foreach``."""
+def torch_optimizer(opt: pockc.Optimizer, params, **extra):
+    """torch.optim twin of a pockc optimizer (torch.optim's default ``foreach`` unless ``extra``
+    says otherwise)."""
     cfg = {k: v for k, v in opt.to_dict().items() if k != "type"}
     cls = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[type(opt).__name__]
-    return cls(params, **cfg)
+    return cls(params, **cfg, **extra)
 
 
 def resolved_foreach(params) -> bool:
@@ -128,7 +129,7 @@ def resolved_foreach(params) -> bool:
 class EagerStep:
     """One eager training step; ``plan=None`` trains every parameter."""
 
-    def __init__(self, model, loss_fn, opt: pockc.Optimizer, plan=None):
+    def __init__(self, model, loss_fn, opt: pockc.Optimizer, plan=None, **optim_kwargs):
         self.model, self.loss_fn = model, loss_fn
         params = dict(model.named_parameters())
         self.sparse = []  # (parameter, row index, leaf holding those rows)
@@ -150,7 +151,7 @@ class EagerStep:
                 leaves.append(leaf)
                 self.sparse.append((p, idx, leaf))
         self.leaves = leaves
-        self.opt = torch_optimizer(opt, leaves)
+        self.opt = torch_optimizer(opt, leaves, **optim_kwargs)
         self.foreach = resolved_foreach(leaves)
 
     def release_grads(self):

@@ -6,47 +6,17 @@ import copy
 import torch
 
 import pockc
-
-
-def torch_optimizer(opt: pockc.Optimizer, params):
-    cfg = {k: v for k, v in opt.to_dict().items() if k != "type"}
-    cls = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[type(opt).__name__]
-    return cls(params, foreach=False, **cfg)
+from benchmarks.bench_core import EagerStep
 
 
 def eager_steps(model, loss_fn, batches, plan: pockc.UpdatePlan, opt: pockc.Optimizer):
-    """Train ``model`` (in place) for len(batches) steps the eager way; returns the losses."""
-    params = dict(model.named_parameters())
-    for p in params.values():
-        p.requires_grad_(False)
-    leaves, sparse = [], []
-    for name in plan.trainable_names():
-        p = params[name]
-        p.requires_grad_(True)
-        sel = plan.selection(name)
-        if sel is None:
-            leaves.append(p)
-        else:
-            rows = torch.arange(sel[1], sel[2]) if sel[0] == "slice" else torch.tensor(sel[1])
-            leaf = p.detach()[rows].clone().requires_grad_(True)
-            leaves.append(leaf)
-            sparse.append((p, rows, leaf))
-    optim = torch_optimizer(opt, leaves)
-    losses = []
-    for batch in batches:
-        optim.zero_grad(set_to_none=True)
-        for p, _, _ in sparse:
-            p.grad = None
-        loss = loss_fn(model, *batch)
-        loss.backward()
-        for p, rows, leaf in sparse:
-            leaf.grad = None if p.grad is None else p.grad[rows].clone()
-        optim.step()
-        with torch.no_grad():
-            for p, rows, leaf in sparse:
-                p[rows] = leaf
-        losses.append(loss.detach())
-    for p in params.values():
+    """Train ``model`` (in place) for len(batches) steps the eager way; returns the losses.
+
+    Channel-sparse tensors train a separate leaf holding the selected rows (benchmarks'
+    EagerStep, also the benchmark baseline); torch.optim's single-tensor path, as pockc's."""
+    step = EagerStep(model, loss_fn, opt, plan, foreach=False)
+    losses = [step(*batch) for batch in batches]
+    for p in model.parameters():
         p.requires_grad_(True)
     return losses
 
