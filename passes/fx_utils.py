@@ -138,3 +138,40 @@ def reorder(graph: fx.Graph, order: list) -> None:
         if prev.next is not n:
             prev.append(n)
         prev = n
+
+
+def refresh_vals(gm: fx.GraphModule, nodes) -> None:
+    """Recompute the fake ``meta['val']`` of ``nodes`` (in graph order) in the graph's fake mode.
+
+    Passes that splice in graphs traced elsewhere (the optimizer update is traced once at a
+    placeholder shape and shared) leave nodes whose ``val`` has the wrong shape or comes from
+    another fake mode; the memory planner needs exact shapes. Only the given nodes are re-run,
+    so data-dependent values elsewhere in the graph (``.item()``) are left as traced."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    mode = next((n.meta["val"].fake_mode for n in gm.graph.nodes
+                 if n.op == "placeholder" and isinstance(n.meta.get("val"), FakeTensor)), None)
+    if mode is None:
+        return
+    todo = set(nodes)
+
+    def fv(a):
+        if not isinstance(a, fx.Node):
+            return a
+        v = a.meta.get("val")
+        if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
+            v = mode.from_tensor(v)
+        elif isinstance(v, FakeTensor) and v.fake_mode is not mode:
+            with mode:
+                v = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
+        return v
+
+    for n in gm.graph.nodes:
+        if n not in todo:
+            continue
+        if n.op == "get_attr":
+            n.meta["val"] = mode.from_tensor(getattr(gm, n.target))
+        elif n.op == "call_function":
+            args, kwargs = torch.utils._pytree.tree_map(fv, (n.args, n.kwargs))
+            with mode:
+                n.meta["val"] = n.target(*args, **kwargs)

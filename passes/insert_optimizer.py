@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .fx_utils import PassResult, call
+from .fx_utils import PassResult, call, dce, refresh_vals
 
 aten = torch.ops.aten
 
@@ -77,22 +77,28 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer) -> PassResult:
 
     # New placeholders: state per trained tensor, then scalars; they go before the batch.
     anchor = last_buffer
-    def add_placeholder(name):  # noqa: E306
+    def add_placeholder(name, val):  # noqa: E306
         nonlocal anchor
         ctx = graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(phs[0])
         with ctx:
             node = graph.placeholder(name)
         node.meta["pockc.role"] = "input"
+        node.meta["val"] = val
         anchor = node
         return node
 
     state_ph = {}
     layout.state = []
-    for name, _sel in layout.grads:
-        for s in state_names:
-            state_ph[(name, s)] = add_placeholder(f"state_{_safe(name)}_{s}")
+    for (name, _sel), g in zip(layout.grads, grads):
+        gval, pval = g.meta["val"], param_ph[name].meta["val"]
+        for s in state_names:  # state covers the trained rows, in the parameter's dtype
+            val = gval.new_empty(gval.shape, dtype=pval.dtype)
+            state_ph[(name, s)] = add_placeholder(f"state_{_safe(name)}_{s}", val)
             layout.state.append((name, s))
-    scalar_ph = {s: add_placeholder(f"opt_{s}") for s in scalar_names}
+    pv0 = next(iter(param_ph.values())).meta["val"] if param_ph else None
+    scalar_val = (pv0.new_empty((), dtype=torch.float64, device="cpu") if pv0 is not None
+                  else torch.empty((), dtype=torch.float64))  # TrainStep passes 0-d float64 CPU tensors
+    scalar_ph = {s: add_placeholder(f"opt_{s}", scalar_val) for s in scalar_names}
     layout.scalars = list(scalar_names)
 
     for (name, sel), g in zip(layout.grads, grads):
@@ -124,8 +130,9 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer) -> PassResult:
                 n.meta["pockc.role"] = "update"
                 n.meta["pockc.param"] = name
     out.args = ((loss,),)
-    from .fx_utils import dce
     dce(gm)
     graph.lint()
     gm.recompile()
+    # spliced nodes carry vals of the update traced at a placeholder shape: recompute them
+    refresh_vals(gm, [n for n in graph.nodes if n.meta.get("pockc.role") == "update"])
     return PassResult(gm, True)

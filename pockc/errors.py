@@ -13,5 +13,9 @@ class PlanError(CompileError, ValueError):
     """The update policy is malformed or names parameters that do not exist."""
 
 
+class BudgetError(CompileError):
+    """No update plan fits the memory budget, or the budget is malformed."""
+
+
 
 from pockc.runtime.errors import BatchError  # noqa: E402,F401  (raised at call time by TrainStep)

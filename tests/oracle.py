@@ -29,7 +29,12 @@ def compiled_and_eager(example, update, opt, steps=3, batches=None, seed=0):
     batches = batches or [example.example_batch] * steps
     step = pockc.compile(m_c, example.loss_fn, example.example_batch, update=update, optimizer=opt)
     torch.manual_seed(seed)
-    lc = [step(*b) for b in batches]
+    # The first step runs under the exact peak tracker: the memory plan must bound it, tightly.
+    measured = step.memory.measure(*batches[0])
+    planned = step.memory.peak_bytes
+    assert measured <= planned <= 1.1 * measured, (example.name, update, measured, planned)
+    step.measured_peak = measured
+    lc = [step.memory.last_loss] + [step(*b) for b in batches[1:]]
     torch.manual_seed(seed)
     le = eager_steps(m_e, example.loss_fn, batches, step.update_plan, opt)
     return m_c, m_e, original, step, lc, le

@@ -1,0 +1,362 @@
+"""plan_memory: liveness, peak and a static arena layout for a compiled training step.
+
+Every tensor storage the step touches is one entry:
+
+* **persistent** storages exist before the step and after it: the graph's inputs. Trained
+  parameters (their trained rows are writable, the other rows read-only), optimizer state,
+  buffers the step writes (batch-norm statistics), the batch and the optimizer scalars are
+  *writable*; frozen parameters, buffers nobody writes and constants are *read-only* (flash on a
+  microcontroller) and are reported apart from the budget.
+* **transient** storages are allocated by an op of the step and freed after their last use
+  (torch.fx's generated code drops each value right after the last node that reads it). Views and
+  in-place ops share their base's storage and extend its lifetime; an element of a multi-output
+  op (``native_batch_norm`` -> out, mean, invstd) lives until the last ``getitem`` of the tuple
+  and the last use of the element, as in the generated code.
+
+Kinds of transient storage: *saved activation* (made by the forward pass and still alive once
+the backward pass starts), *gradient* (made by the backward pass and read by an optimizer
+update), *temporary* (everything else, including the loss and activation gradients).
+
+The peak is taken at each node with its inputs and outputs alive, which is what the exact CPU
+tracker in runtime/memory.py measures. Storage sizes come from the nodes' fake values
+(refreshed by insert_optimizer), so the plan is exact for the aten graph as it will run; memory a
+kernel allocates and frees internally (oneDNN scratch) is invisible to both.
+
+The arena puts every writable storage at an offset: persistent ones first, then the transient
+ones by the greedy-by-size policy of TFLite's memory planner (largest first, lowest offset that
+overlaps no placed storage alive at the same time), aligned to ``ALIGN`` bytes.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .fx_utils import OUTPUT_MASK_ARG, is_aten, is_view, mutated_args
+
+ALIGN = 64
+WRITABLE_KINDS = ("trainable weight", "optimizer state", "buffer", "input",
+                  "saved activation", "gradient", "temporary")
+READONLY_KINDS = ("frozen weight", "constant")
+
+
+@dataclass
+class Storage:
+    name: str            # the node that allocated it ("p_fc_weight", "convolution_3", "getitem_2")
+    kind: str
+    nbytes: int
+    start: int = -1      # index of the allocating node; -1 for persistent storage
+    end: int = -1        # index of the last node it is alive at
+    offset: int | None = None
+
+    @property
+    def persistent(self):
+        return self.start < 0
+
+    def to_dict(self):
+        return {"name": self.name, "kind": self.kind, "bytes": self.nbytes, "start": self.start,
+                "end": self.end, "offset": self.offset}
+
+
+@dataclass
+class MemoryPlan:
+    """The memory of one step: ``peak_bytes`` (writable), ``readonly_bytes``, ``breakdown``
+    (bytes per kind at the peak), ``arena_bytes`` and every storage with its lifetime and offset."""
+    storages: list
+    peak_bytes: int
+    peak_node: str
+    breakdown: dict
+    readonly_bytes: int
+    persistent_bytes: int         # writable storage that exists before and after the step
+    arena_bytes: int
+    timeline: list = field(repr=False, default_factory=list)   # live writable bytes per node
+
+    @property
+    def required_bytes(self) -> int:
+        """What a static allocation needs: the peak, or the arena where fragmentation exceeds it."""
+        return max(self.peak_bytes, self.arena_bytes)
+
+    @property
+    def transient_peak(self) -> int:
+        return self.peak_bytes - self.persistent_bytes
+
+    def by_kind(self, kind) -> list:
+        return [s for s in self.storages if s.kind == kind]
+
+    def table(self, budget: int | None = None) -> str:
+        from tabulate import tabulate
+        rows = [[k, f"{self.breakdown.get(k, 0):,}"] for k in WRITABLE_KINDS if self.breakdown.get(k)]
+        rows.append(["peak (writable)", f"{self.peak_bytes:,}"])
+        if budget is not None:
+            rows.append(["budget", f"{budget:,}"])
+            rows.append(["headroom", f"{budget - self.peak_bytes:,}"])
+        rows.append(["arena", f"{self.arena_bytes:,}"])
+        rows.append(["read-only (frozen weights)", f"{self.readonly_bytes:,}"])
+        return tabulate(rows, headers=["memory at peak", "bytes"], tablefmt="simple", colalign=("left", "right"))
+
+    def to_dict(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "peak_node": self.peak_node, "breakdown": self.breakdown,
+                "readonly_bytes": self.readonly_bytes, "persistent_bytes": self.persistent_bytes,
+                "arena_bytes": self.arena_bytes, "align": ALIGN,
+                "storages": [s.to_dict() for s in self.storages]}
+
+
+def _nbytes(val) -> int:
+    """Bytes of the storage a fresh tensor like ``val`` occupies (its strided span)."""
+    if not isinstance(val, torch.Tensor):
+        return 0
+    if val.numel() == 0:
+        return 0
+    span = 1 + sum((s - 1) * st for s, st in zip(val.shape, val.stride()) if s > 0)
+    return span * val.element_size()
+
+
+def _returns_input(node):
+    """For an in-place / out-style op, the argument its result aliases (``add_`` returns self)."""
+    if not is_aten(node):
+        return None
+    schema = node.target._schema
+    ret = schema.returns[0].alias_info if schema.returns else None
+    if ret is None or not ret.is_write:
+        return None
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write and set(a.alias_info.before_set) & set(ret.before_set):
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            if isinstance(v, fx.Node):
+                return v
+    return None
+
+
+def _placeholder_kinds(graph, layout):
+    """placeholder node -> (kind, writable fraction)."""
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    written = set()
+    for n in graph.nodes:
+        for a in mutated_args(n):
+            written.add(a)
+    out, i = {}, 0
+    sel = dict(layout.grads) if layout is not None else {}
+    groups = ([("trainable weight", len(layout.params)), ("frozen weight", len(layout.frozen)),
+               ("buffer", len(layout.buffers)), ("optimizer state", len(layout.state)),
+               ("input", len(layout.scalars))] if layout is not None else [])
+    names = list(layout.params) if layout is not None else []
+    for kind, count in groups:
+        for k in range(count):
+            ph = phs[i]
+            frac = 1.0
+            if kind == "trainable weight":
+                s = sel.get(names[k])
+                rows = ph.meta["val"].shape[0] if ph.meta["val"].dim() else 1
+                if s is not None:
+                    frac = ((s[2] - s[1]) if s[0] == "slice" else len(s[1])) / max(rows, 1)
+            if kind == "buffer" and ph not in written:
+                kind = "frozen weight"  # a buffer the step only reads (eval-mode statistics)
+            out[ph] = (kind, frac)
+            i += 1
+    for ph in phs[i:]:
+        out[ph] = ("input", 1.0)
+    return out
+
+
+def storages_of(graph: fx.Graph, layout=None):
+    """``(storages, root, made)``: every storage, node -> its Storage (a list for multi-output
+    nodes, None for non-tensors), node -> the transient storages it allocates."""
+    nodes = list(graph.nodes)
+    idx = {n: i for i, n in enumerate(nodes)}
+    ph_kind = _placeholder_kinds(graph, layout)
+    storages: list[Storage] = []
+    root, made = {}, {}
+
+    def persistent(n, kind, nbytes):
+        s = Storage(n.name, kind, nbytes)
+        storages.append(s)
+        return s
+
+    def fresh(n, name, v):
+        s = Storage(name, "", _nbytes(v), idx[n], idx[n])
+        storages.append(s)
+        made.setdefault(n, []).append(s)
+        return s
+
+    for n in nodes:
+        val = n.meta.get("val")
+        if n.op == "placeholder":
+            kind, frac = ph_kind.get(n, ("input", 1.0))
+            nb = _nbytes(val)
+            if kind == "trainable weight" and frac < 1.0:
+                w = int(round(nb * frac))
+                root[n] = persistent(n, kind, w)
+                persistent(n, "frozen weight", nb - w).name = n.name + " (frozen rows)"
+            else:
+                root[n] = persistent(n, kind, nb)
+        elif n.op == "get_attr":
+            root[n] = persistent(n, "constant", _nbytes(val))
+        elif n.op == "call_function" and n.target is operator.getitem:
+            parent = root.get(n.args[0])
+            root[n] = parent[n.args[1]] if isinstance(parent, list) else parent
+        elif n.op == "call_function":
+            src = n.args[0] if is_view(n) and n.args and isinstance(n.args[0], fx.Node) else _returns_input(n)
+            if src is not None:
+                r = root.get(src)
+                root[n] = [r] * len(val) if isinstance(val, (tuple, list)) else r  # split: all views
+            elif isinstance(val, (tuple, list)):
+                mask = _output_mask(n, len(val))   # outputs a backward op was told not to compute
+                root[n] = [fresh(n, f"{n.name}[{k}]", v) if isinstance(v, torch.Tensor) and mask[k] else None
+                           for k, v in enumerate(val)]
+            elif isinstance(val, torch.Tensor):
+                root[n] = fresh(n, n.name, val)
+    return storages, root, made
+
+
+def _output_mask(node, n):
+    """Which outputs of a multi-output backward op are computed (its output_mask argument; the
+    fake value may still hold all of them after prune_backward narrowed the mask)."""
+    i = OUTPUT_MASK_ARG.get(node.target)
+    if i is not None and i < len(node.args) and isinstance(node.args[i], (list, tuple)):
+        return [bool(b) for b in node.args[i]] + [True] * (n - len(node.args[i]))
+    return [True] * n
+
+
+def flat(r):
+    """The storages behind a root entry (one, several for a tuple, none)."""
+    return [s for s in (r if isinstance(r, list) else [r]) if s is not None]
+
+
+def plan_memory(gm: fx.GraphModule, layout=None) -> MemoryPlan:
+    """Liveness and arena of ``gm`` in its current node order (see the module docstring)."""
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    idx = {n: i for i, n in enumerate(nodes)}
+    first_bwd = min((idx[n] for n in nodes if n.meta.get("pockc.role") == "backward"), default=len(nodes))
+    storages, root, _ = storages_of(graph, layout)
+
+    # Lifetimes: a storage is alive until the last node reading any alias of it; the elements of
+    # a multi-output node until its last getitem (the tuple holds them).
+    def touch(r, i):
+        for s in flat(r):
+            if not s.persistent and i > s.end:
+                s.end = i
+
+    readers = {}                      # Storage id -> roles of the nodes reading it
+    for n in nodes:
+        i = idx[n]
+        for a in n.all_input_nodes:
+            r = root.get(a)
+            touch(r, i)
+            for s in flat(r):
+                readers.setdefault(id(s), set()).add(n.meta.get("pockc.role"))
+        if n.op == "output":
+            touch([root.get(a) for a in n.all_input_nodes], len(nodes) - 1)
+
+    alloc_role = {}
+    for n in nodes:
+        for s in flat(root.get(n)):
+            if not s.persistent and id(s) not in alloc_role:
+                alloc_role[id(s)] = n.meta.get("pockc.role")
+    for s in storages:
+        if s.persistent:
+            continue
+        role = alloc_role.get(id(s))
+        if role == "forward" and s.end >= first_bwd:
+            s.kind = "saved activation"
+        elif role == "backward" and "update" in readers.get(id(s), ()):
+            s.kind = "gradient"
+        else:
+            s.kind = "temporary"
+
+    # Peak: sweep the live writable bytes over the schedule.
+    transient = [s for s in storages if not s.persistent]
+    persist_w = sum(s.nbytes for s in storages if s.persistent and s.kind in WRITABLE_KINDS)
+    readonly = sum(s.nbytes for s in storages if s.persistent and s.kind in READONLY_KINDS)
+    delta = np.zeros(len(nodes) + 1, dtype=np.int64)
+    for s in transient:
+        delta[s.start] += s.nbytes
+        delta[s.end + 1] -= s.nbytes
+    live = np.cumsum(delta)[:len(nodes)] + persist_w
+    peak_i = int(np.argmax(live)) if len(nodes) else 0
+    peak = int(live[peak_i]) if len(nodes) else persist_w
+    breakdown = {}
+    for s in storages:
+        alive = s.persistent or s.start <= peak_i <= s.end
+        if alive and s.kind in WRITABLE_KINDS:
+            breakdown[s.kind] = breakdown.get(s.kind, 0) + s.nbytes
+    arena = _arena(storages)
+    return MemoryPlan(storages, peak, nodes[peak_i].name if nodes else "", breakdown, readonly,
+                      persist_w, arena, [int(x) for x in live])
+
+
+def _align(x):
+    return (x + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _arena(storages) -> int:
+    """Assign offsets: persistent writable storage first, then the transient storage by the
+    best of several greedy orders (largest first, TFLite's policy; largest size x lifetime
+    first; by start time), each placing an item at the lowest offset where it overlaps nothing
+    alive at the same time; plus perturbed size orders for graphs up to 600 storages."""
+    off = 0
+    for s in storages:
+        if s.persistent and s.kind in WRITABLE_KINDS:
+            s.offset = off
+            off += _align(s.nbytes)
+    base = off
+    trans = [s for s in storages if not s.persistent and s.nbytes > 0]
+    orders = (lambda s: (-s.nbytes, s.start),
+              lambda s: (-s.nbytes * (s.end - s.start + 1), s.start),
+              lambda s: (s.start, -s.nbytes))
+    rng = np.random.default_rng(0)
+    tries = [sorted(trans, key=k) for k in orders]
+    if 0 < len(trans) <= 600:  # perturbed size orders: fragmentation is order-sensitive
+        for _ in range(12):
+            noise = rng.uniform(0.7, 1.3, len(trans))
+            tries.append([trans[i] for i in np.argsort([-s.nbytes * f for s, f in zip(trans, noise)], kind="stable")])
+    best = None
+    for ordered in tries:
+        offsets = greedy_by_size([(s.start, s.end, _align(s.nbytes)) for s in ordered])
+        top = max((o + _align(s.nbytes) for s, o in zip(ordered, offsets)), default=0)
+        if best is None or top < best[0]:
+            best = (top, ordered, offsets)
+    top, ordered, offsets = best
+    for s, o in zip(ordered, offsets):
+        s.offset = base + o
+    return base + top
+
+
+def greedy_by_size(items) -> list:
+    """Offsets for ``(start, end, size)`` items in the given order (largest first is TFLite's
+    greedy-by-size): each goes at the lowest offset where it overlaps, in time and space, no item
+    placed before it."""
+    n = len(items)
+    starts = np.empty(n, dtype=np.int64)
+    ends = np.empty(n, dtype=np.int64)
+    offs = np.empty(n, dtype=np.int64)
+    sizes = np.empty(n, dtype=np.int64)
+    out = []
+    for k, (a, b, size) in enumerate(items):
+        if k:
+            m = (starts[:k] <= b) & (ends[:k] >= a)
+            o_, s_ = offs[:k][m], sizes[:k][m]
+            order = np.argsort(o_, kind="stable")
+            cand = 0
+            for lo, sz in zip(o_[order].tolist(), s_[order].tolist()):
+                if lo >= cand + size:
+                    break
+                cand = max(cand, lo + sz)
+        else:
+            cand = 0
+        starts[k], ends[k], offs[k], sizes[k] = a, b, cand, size
+        out.append(cand)
+    return out
+
+
+def check_arena(plan: MemoryPlan) -> None:
+    """Assert no two writable storages alive at the same time overlap in the arena."""
+    ws = [s for s in plan.storages if s.kind in WRITABLE_KINDS and s.nbytes]
+    for i, a in enumerate(ws):
+        for b in ws[i + 1:]:
+            t = (a.persistent or b.persistent) or (a.start <= b.end and b.start <= a.end)
+            if t and a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes:
+                raise AssertionError(f"arena overlap: {a.name} and {b.name}")

@@ -1,0 +1,263 @@
+"""Choose what to fine-tune under a memory budget, with the memory planner's real figures.
+
+Candidates: the last ``max_layers`` layers with parameters, in forward execution order (a layer
+is a module that owns parameters directly: conv, linear, norm, embedding). Options per layer:
+
+* ``bias``            its bias (for a norm layer: the shift),
+* ``channels:R``      its bias and R of its weight's output channels (R in ``CHANNEL_RATIOS``,
+                      weights with at least 8 output channels),
+* ``full``            all its parameters.
+
+Benefit: the contribution scores of a layer-sensitivity analysis when given (``scores``:
+``{(layer, option): score}``), otherwise the documented prior of Tiny Training / PockEngine --
+later layers matter more and biases are cheapest: ``benefit = depth**2 * OPTION_PRIOR[option]``
+with ``depth = (k + 1) / K`` for the k-th of K candidate layers.
+
+Cost: the ``bias`` and ``full`` options of every candidate layer are compiled and planned alone
+(pockc's own pipeline, exact peak). A ``channels:R`` option differs from ``full`` only in the
+trained rows of the weight, its gradient and its optimizer state, so its peak is estimated as
+``peak(full) - (1 - R) * weight_bytes * (2 + optimizer state tensors)`` (never below ``bias``),
+marked ``~`` in the table. A plan's peak is modelled as ``base + sum(peak(option) - base)`` with
+``base`` the smallest single-layer peak. Over that additive model the multiple-choice knapsack is solved exactly by dynamic
+programming. The model is usually pessimistic (the backward through later layers is shared), so the
+chosen plan is then compiled and planned for real: if it exceeds the budget the capacity shrinks by
+the excess and the knapsack is solved again; if it leaves room the capacity grows by the slack.
+Only a plan whose *real* planned peak fits is ever returned.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pockc.errors import BudgetError
+from pockc.memory import format_bytes
+from pockc.plan import Rule, UpdatePlan, _is_norm
+
+CHANNEL_RATIOS = (0.125, 0.25, 0.5)
+OPTION_PRIOR = {"bias": 0.3, "channels:0.125": 0.45, "channels:0.25": 0.55, "channels:0.5": 0.75, "full": 1.0}
+MAX_REFINE = 6
+DP_UNITS = 4000
+
+
+@dataclass
+class Candidate:
+    layer: str
+    option: str
+    rules: dict                  # param name -> Rule
+    peak: int = 0                # planned peak of the single-layer plan
+    estimated: bool = False      # peak derived from the full option's (channels:R)
+    weight_bytes: int = 0
+    benefit: float = 0.0
+    cost: int = 0                # peak - base
+
+
+@dataclass
+class Selection:
+    plan: UpdatePlan
+    peak: int                    # real planned peak of the chosen plan
+    budget: int
+    candidates: list = field(default_factory=list)
+    chosen: dict = field(default_factory=dict)   # layer -> option
+    base: int = 0
+    tries: list = field(default_factory=list)    # (capacity, planned peak, fits)
+    seconds: float = 0.0
+    source: str = "prior"
+
+    def table(self) -> str:
+        from tabulate import tabulate
+        rows = []
+        for c in self.candidates:
+            rows.append([c.layer, c.option, f"{c.benefit:.3f}", ("~" if c.estimated else "") + f"{c.peak:,}",
+                         ("~" if c.estimated else "") + f"{c.cost:,}",
+                         "yes" if self.chosen.get(c.layer) == c.option else ""])
+        return tabulate(rows, headers=["layer", "option", f"benefit ({self.source})", "peak alone (B)",
+                                       "cost over base (B)", "chosen"], tablefmt="simple")
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget, "peak": self.peak, "base": self.base, "chosen": self.chosen,
+                "source": self.source, "seconds": round(self.seconds, 3),
+                "tries": [{"capacity": c, "peak": p, "fits": f} for c, p, f in self.tries],
+                "candidates": [{"layer": c.layer, "option": c.option, "benefit": c.benefit, "peak": c.peak,
+                                "estimated": c.estimated, "cost": c.cost} for c in self.candidates]}
+
+
+def layer_options(model, exec_order, max_layers=12):
+    """[(layer, option, rules)] for the last ``max_layers`` layers with direct parameters."""
+    mods = dict(model.named_modules())
+    layers = []
+    for m in exec_order:
+        mod = mods.get(m)
+        if mod is None:
+            continue
+        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
+        if own and m not in layers:
+            layers.append(m)
+    layers = layers[-max_layers:]
+    out = []
+    for m in layers:
+        mod = mods[m]
+        own = dict(mod.named_parameters(recurse=False))
+        full = {f"{m}.{n}" if m else n: Rule("full") for n in own}
+        bias_name = "bias" if "bias" in own else None
+        opts = []
+        if bias_name is not None and len(own) > 1:
+            opts.append(("bias", {f"{m}.bias" if m else "bias": Rule("full")}))
+        w = own.get("weight")
+        if w is not None and w.dim() >= 2 and w.shape[0] >= 8 and not _is_norm(mod):
+            for r in CHANNEL_RATIOS:
+                rules = {f"{m}.weight" if m else "weight": Rule.parse(f"channels:{r}")}
+                if bias_name is not None:
+                    rules[f"{m}.bias" if m else "bias"] = Rule("full")
+                opts.append((f"channels:{r:g}", rules))
+        opts.append(("full", full))
+        out += [(m, o, r) for o, r in opts]
+    return out
+
+
+def _plan_of(model, rules) -> UpdatePlan:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes)
+
+
+def knapsack(groups, capacity: int, units: int = DP_UNITS):
+    """Multiple-choice knapsack: ``groups`` is a list of lists of (cost, benefit) options (at most
+    one option per group). Returns the chosen option index per group (None = none) maximizing
+    total benefit with total cost <= capacity. Costs are rounded up to ``capacity / units``, so
+    every returned choice fits exactly."""
+    if capacity < 0:
+        return None
+    unit = max(1, -(-capacity // units))
+    cap = capacity // unit
+    neg = -1e18
+    best = np.full(cap + 1, 0.0)
+    choice = []
+    for opts in groups:
+        new = best.copy()
+        pick = np.full(cap + 1, -1, dtype=np.int64)
+        for j, (c, b) in enumerate(opts):
+            cu = -(-int(c) // unit)
+            if cu > cap:
+                continue
+            cand = np.full(cap + 1, neg)
+            cand[cu:] = best[:cap + 1 - cu] + b
+            better = cand > new
+            new[better] = cand[better]
+            pick[better] = j
+        choice.append(pick)
+        best = new
+    # walk back
+    out, c = [None] * len(groups), int(np.argmax(best))
+    for g in range(len(groups) - 1, -1, -1):
+        j = int(choice[g][c])
+        if j >= 0:
+            out[g] = j
+            c -= -(-int(groups[g][j][0]) // unit)
+    return out
+
+
+def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=None, max_layers=12,
+                        batch_size=None, progress=None, state_tensors=1) -> Selection:
+    """Choose an UpdatePlan whose real planned peak fits ``budget`` bytes.
+
+    ``plan_peak(UpdatePlan, final=bool) -> int`` compiles a plan and returns the bytes it needs
+    (its planned peak, or its static arena where fragmentation makes that larger)
+    (``final=False`` for the single-layer probes, which may skip the memory scheduling).
+    Raises BudgetError with the smallest reachable peak when nothing fits.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    opts = layer_options(model, exec_order, max_layers)
+    if not opts:
+        raise BudgetError("the model has no floating-point parameters to fine-tune")
+    layers = list(dict.fromkeys(m for m, _, _ in opts))
+    depth = {m: (k + 1) / len(layers) for k, m in enumerate(layers)}
+    params = dict(model.named_parameters())
+    cands = [Candidate(m, o, rules) for m, o, rules in opts]
+    probed = [c for c in cands if not c.option.startswith("channels:")]
+    for c in tqdm(probed, desc="pockc: planning candidate updates", unit="plan",
+                  disable=None if progress is None else not progress, leave=False):
+        c.peak = plan_peak(_plan_of(model, c.rules), final=False)
+    by = {(c.layer, c.option): c for c in cands}
+    for c in cands:
+        if c.option.startswith("channels:"):
+            r = float(c.option.split(":")[1])
+            w = params[f"{c.layer}.weight" if c.layer else "weight"]
+            wb = w.numel() * w.element_size()
+            floor = by.get((c.layer, "bias"))
+            c.peak = max(by[(c.layer, "full")].peak - int((1 - r) * wb * (2 + state_tensors)),
+                         floor.peak if floor is not None else 0)
+            c.estimated = True
+        if scores is not None:
+            c.benefit = float(scores.get((c.layer, c.option), 0.0))
+        else:
+            c.benefit = depth[c.layer] ** 2 * OPTION_PRIOR.get(c.option, 0.5)
+    base = min(c.peak for c in probed)
+    for c in cands:
+        c.cost = max(0, c.peak - base)
+    smallest = min(probed, key=lambda c: c.peak)
+    if smallest.peak > budget:
+        raise BudgetError(_no_fit_message(budget, smallest, batch_size))
+
+    groups = {m: [c for c in cands if c.layer == m] for m in layers}
+    order = list(groups)
+    sel = Selection(None, 0, budget, cands, base=base, source="scores" if scores is not None else "prior")
+    capacity = budget - base
+    best = None                                   # (benefit, plan, peak, chosen)
+    seen = {}
+    for _ in range(MAX_REFINE):
+        pick = knapsack([[(c.cost, c.benefit) for c in groups[m]] for m in order], capacity)
+        if pick is None:
+            break
+        chosen = {m: groups[m][j].option for m, j in zip(order, pick) if j is not None}
+        key = tuple(sorted(chosen.items()))
+        if not chosen:
+            break
+        if key in seen:
+            peak = seen[key]
+        else:
+            rules = {}
+            for m, j in zip(order, pick):
+                if j is not None:
+                    rules.update(groups[m][j].rules)
+            plan = _plan_of(model, rules)
+            peak = plan_peak(plan)
+            seen[key] = peak
+            benefit = sum(groups[m][j].benefit for m, j in zip(order, pick) if j is not None)
+            fits = peak <= budget
+            sel.tries.append((capacity, peak, fits))
+            if fits and (best is None or benefit > best[0]):
+                best = (benefit, plan, peak, chosen)
+        if peak > budget:
+            capacity -= peak - budget
+        elif budget - peak > max(64, budget // 200) and capacity < budget:
+            capacity += budget - peak
+        else:
+            break
+    if best is None:  # the additive model kept overshooting: the best probed option that fits
+        c = max((c for c in probed if c.peak <= budget), key=lambda c: c.benefit)
+        best = (c.benefit, _plan_of(model, c.rules), c.peak, {c.layer: c.option})
+    sel.plan, sel.peak, sel.chosen = best[1], best[2], best[3]
+    sel.seconds = time.perf_counter() - t0
+    return sel
+
+
+def _no_fit_message(budget, smallest, batch_size):
+    knobs = []
+    if batch_size and batch_size > 1:
+        knobs.append(f"a smaller batch (now {batch_size})")
+    knobs += ["a smaller input", f"a budget of at least {format_bytes(smallest.peak)}"]
+    return (f"no update plan fits the budget of {format_bytes(budget)}: the smallest planned peak is "
+            f"{format_bytes(smallest.peak)} ({smallest.option} of {smallest.layer or 'the model'}); "
+            f"try {', '.join(knobs[:-1])} or {knobs[-1]}")
+
+
+def batch_size_of(batch):
+    for b in batch:
+        if isinstance(b, torch.Tensor) and b.dim() >= 1:
+            return int(b.shape[0])
+    return None

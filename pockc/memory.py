@@ -1,0 +1,135 @@
+"""Memory of a compiled step: the planned peak, its breakdown, and a measurement to check it.
+
+``step.memory.peak_bytes`` is the planned peak of *writable* memory (DESIGN.md: trained weights,
+optimizer state, buffers the step writes, the batch, saved activations, gradients and
+temporaries); frozen weights are read-only and reported apart (``readonly_bytes``).
+``step.memory.measure(*batch)`` runs one real training step and returns the same quantity
+measured: the writable inputs' bytes plus the peak of storage allocated during the step, tracked
+exactly on CPU (runtime/memory.py) and by ``torch.cuda.max_memory_allocated`` on CUDA.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from pockc.errors import BudgetError
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+          "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3}
+
+
+def parse_bytes(text) -> int:
+    """``"256KB"`` -> 262144. B, KB/MB/GB (binary, 1024) and KiB/MiB/GiB, any case; an int is bytes.
+
+    >>> parse_bytes("256KB"), parse_bytes("1.5 MiB"), parse_bytes(4096)
+    (262144, 1572864, 4096)
+    """
+    if isinstance(text, bool):
+        raise BudgetError(f"budget must be a size such as '256KB', got {text!r}")
+    if isinstance(text, int):
+        if text <= 0:
+            raise BudgetError(f"budget must be positive, got {text}")
+        return text
+    if not isinstance(text, str):
+        raise BudgetError(f"budget must be a size such as '256KB' or a number of bytes, got {type(text).__name__}")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m:
+        raise BudgetError(f"cannot read budget {text!r}: write a positive size such as 256KB, 1.5MB or 4096 "
+                          "(units B, KB, MB, GB = 1024-based; KiB, MiB, GiB)")
+    unit = m.group(2).lower()
+    if unit not in _UNITS:
+        raise BudgetError(f"unknown unit {m.group(2)!r} in budget {text!r}: use B, KB, MB, GB (1024-based) "
+                          "or KiB, MiB, GiB")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise BudgetError(f"budget {text!r} is less than one byte")
+    return int(value)
+
+
+def format_bytes(n: int) -> str:
+    """262144 -> '256.0 KB (262,144 B)' (binary units, exact bytes echoed)."""
+    for unit, size in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit} ({n:,} B)"
+    return f"{n:,} B"
+
+
+class StepMemory:
+    """``step.memory``: the plan of the compiled step (for its example batch shapes)."""
+
+    def __init__(self, step, plan, before=None, schedule=None):
+        self._step = step
+        self.plan = plan                        # passes.plan_memory.MemoryPlan
+        self.peak_before_scheduling = before    # planned peak with updates at the end, traced order
+        self.schedule = schedule or {}          # schedule_memory's choice and candidate peaks
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.plan.peak_bytes
+
+    @property
+    def breakdown(self) -> dict:
+        return dict(self.plan.breakdown)
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.plan.arena_bytes
+
+    @property
+    def readonly_bytes(self) -> int:
+        return self.plan.readonly_bytes
+
+    def measure(self, *batch) -> int:
+        """Run one real training step on ``batch`` (parameters are updated, as by ``step(*batch)``)
+        and return its measured peak of writable memory in bytes."""
+        from pockc.runtime.memory import storage_bytes, track_peak
+
+        step = self._step
+        gm = step._graph_for(batch)
+        inputs = step.inputs(batch)
+        device = next((t.device for t in inputs if isinstance(t, torch.Tensor) and t.device.type != "cpu"),
+                      torch.device("cpu"))
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        by_name = {s.name: s for s in self.plan.storages if s.persistent}
+        whole, base = [], 0        # writable inputs, counted once per storage
+        for ph, t in zip(phs, inputs):
+            s = by_name.get(ph.name)
+            if s is None or s.kind in ("frozen weight", "constant"):
+                continue
+            rest = by_name.get(ph.name + " (frozen rows)")
+            if rest is not None:   # channel-sparse: only the trained rows are writable
+                base += t.untyped_storage().nbytes() - rest.nbytes
+            else:
+                whole.append(t)
+        base += storage_bytes(whole)
+        run = step._executable(gm, inputs) if hasattr(step, "_executable") else gm
+        with torch.no_grad(), track_peak(device) as tracker:
+            out = run(*inputs)
+        step.step_count += 1
+        self.last_loss = out[0] if isinstance(out, (tuple, list)) else out
+        self.last_measured_transient = tracker.peak
+        return base + tracker.peak
+
+    def table(self, budget: int | None = None) -> str:
+        return self.plan.table(budget)
+
+    def summary(self, budget: int | None = None) -> str:
+        lines = [f"planned peak {format_bytes(self.peak_bytes)} of writable memory"
+                 + (f" against a budget of {format_bytes(budget)}" if budget is not None else ""),
+                 f"arena {format_bytes(self.arena_bytes)}; frozen weights (read-only) "
+                 f"{format_bytes(self.readonly_bytes)}"]
+        if self.peak_before_scheduling is not None:
+            lines.append(f"peak before scheduling {format_bytes(self.peak_before_scheduling)} -> after "
+                         f"{format_bytes(self.peak_bytes)} (order: {self.schedule.get('policy', 'traced')})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.plan.to_dict().items() if k != "storages"}
+        d["peak_before_scheduling"] = self.peak_before_scheduling
+        d["schedule"] = self.schedule
+        d["storages"] = [s.to_dict() for s in self.plan.storages]
+        return d
+
+    def __repr__(self):
+        return f"StepMemory(peak_bytes={self.peak_bytes:,}, arena_bytes={self.arena_bytes:,})"
