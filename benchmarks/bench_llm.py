@@ -1,0 +1,224 @@
+"""LLM fine-tuning benchmark, CPU part (issue 5): Llama-style decoder (pockc.zoo.llama, d=512,
+8 layers, 8 heads, vocab 8000, batch 4, seq 256), next-token cross-entropy, AdamW(lr=1e-4).
+
+    python -m benchmarks.bench_llm            # full sizes; writes results/llm_cpu.{json,md}
+    python -m benchmarks.bench_llm --quick    # tiny sizes, smoke test; llm_cpu_quick.{json,md}
+
+Variants, each on its own deep copy of the model, all fed the same batch:
+
+* ``eager_full``        -- every parameter, autograd + torch.optim.AdamW;
+* ``eager_last2``       -- the last 2 blocks, the rest ``requires_grad=False`` (benchmarks'
+  EagerStep, the tests' oracle);
+* ``eager_lora_last2``  -- LoRA r=16, alpha=32 on q/k/v/o of the last 2 blocks, eager autograd
+  through the same adapter hooks pockc uses (PEFT's arithmetic; PEFT itself is not a dependency);
+* ``pockc_last2``       -- ``pockc.finetune(..., layers="last:2")``;
+* ``pockc_lora_last2``  -- ``pockc.finetune(..., lora=LoraConfig(r=16, lora_alpha=32,
+  target_modules=q/k/v/o), layers="last:2")``.
+
+Timing and memory as in benchmarks/bench_core.py: warm-up steps, then timed steps round-robin
+over the variants (starting variant rotating) in one process with 1 intra-op thread; medians and
+ratios from this one run; peak = storage allocated during one untimed step
+(pockc.runtime.memory.measure_peak).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import pockc
+from benchmarks.bench_core import (DEFAULT_THREADS, MiB, RESULTS, EagerStep, git_commit, load_average,
+                                   machine_info, measure_memory, summarize)
+from pockc import zoo
+from pockc.lora import attach_lora, match_targets
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class FinetuneRunner:
+    def __init__(self, model, loss_fn, batch, opt, **kw):
+        self.model = model
+        t0 = time.perf_counter()
+        self.step = pockc.finetune(model, loss_fn, batch, optimizer=copy.deepcopy(opt), **kw)
+        self.compile_seconds = time.perf_counter() - t0
+
+    def release_grads(self):
+        pass
+
+    def __call__(self, *batch):
+        return self.step(*batch)
+
+    def resident(self):
+        return list(self.model.parameters()) + list(self.model.buffers()) + list(self.step.state.values())
+
+
+def eager_lora(model, loss_fn, opt, lora, layers_k):
+    """Eager LoRA baseline: the same adapters (same init, same hook arithmetic), autograd."""
+    blocks = [f"layers.{i}" for i in range(len(model.layers))][-layers_k:]
+    targets = match_targets(model, lora.target_modules, lambda n: any(n.startswith(b + ".") for b in blocks))
+    names = attach_lora(model, lora, targets)
+    plan = pockc.UpdatePlan({n: "full" for n in names}, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    return EagerStep(model, loss_fn, opt, plan)
+
+
+def sizes_for(quick):
+    return (dict(batch=1, seq=32, vocab=256, d=64, heads=4, layers=4) if quick
+            else dict(batch=4, seq=256, vocab=8000, d=512, heads=8, layers=8))
+
+
+def bench(quick, steps, warmup, progress=True):
+    sizes = sizes_for(quick)
+    ex = zoo.llama(**sizes)
+    opt = pockc.AdamW(lr=1e-4)
+    lora = pockc.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, seed=0)
+    batch = ex.example_batch
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    variants, compile_s = {}, {}
+    log("building eager_full / eager_last2 / eager_lora_last2")
+    variants["eager_full"] = EagerStep(copy.deepcopy(ex.model), ex.loss_fn, opt)
+    last2 = pockc.UpdatePlan({n: "full" for n, _ in ex.model.named_parameters()
+                              if n.startswith((f"layers.{sizes['layers'] - 2}.", f"layers.{sizes['layers'] - 1}."))},
+                             {n: tuple(p.shape) for n, p in ex.model.named_parameters()})
+    variants["eager_last2"] = EagerStep(copy.deepcopy(ex.model), ex.loss_fn, opt, last2)
+    variants["eager_lora_last2"] = eager_lora(copy.deepcopy(ex.model), ex.loss_fn, opt, lora, 2)
+    log("compiling pockc_last2")
+    variants["pockc_last2"] = FinetuneRunner(copy.deepcopy(ex.model), ex.loss_fn, batch, opt, layers="last:2")
+    log("compiling pockc_lora_last2")
+    variants["pockc_lora_last2"] = FinetuneRunner(copy.deepcopy(ex.model), ex.loss_fn, batch, opt, lora=lora,
+                                                  layers="last:2")
+    trained = {"eager_full": sum(p.numel() for p in ex.model.parameters()),
+               "eager_last2": last2.counts()[0]}
+    trained["pockc_last2"] = variants["pockc_last2"].step.update_plan.counts()[0]
+    trained["pockc_lora_last2"] = variants["pockc_lora_last2"].step.update_plan.counts()[0]
+    trained["eager_lora_last2"] = trained["pockc_lora_last2"]
+    assert trained["pockc_last2"] == trained["eager_last2"]
+    for k in ("pockc_last2", "pockc_lora_last2"):
+        compile_s[k] = variants[k].compile_seconds
+    keys = list(variants)
+    for k in keys:
+        log(f"warm-up {k}")
+        for _ in range(warmup):
+            variants[k](*batch)
+    times = {k: [] for k in keys}
+    for r in range(steps):
+        log(f"timed round {r + 1}/{steps}")
+        for i in range(len(keys)):
+            k = keys[(r + i) % len(keys)]
+            gc.collect()
+            t0 = time.perf_counter()
+            variants[k](*batch)
+            times[k].append(time.perf_counter() - t0)
+    memory = {}
+    for k in keys:
+        log(f"memory {k}")
+        memory[k] = measure_memory(variants[k], batch)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paired = lambda a, b: statistics.median([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
+    ratios = {
+        "eager_last2_over_pockc_last2": med["eager_last2"] / med["pockc_last2"],
+        "eager_full_over_pockc_last2": med["eager_full"] / med["pockc_last2"],
+        "eager_lora_over_pockc_lora": med["eager_lora_last2"] / med["pockc_lora_last2"],
+        "eager_full_over_pockc_lora": med["eager_full"] / med["pockc_lora_last2"],
+        "eager_last2_over_pockc_last2_paired": paired("eager_last2", "pockc_last2"),
+        "eager_full_over_pockc_last2_paired": paired("eager_full", "pockc_last2"),
+    }
+    res = {"sizes": sizes, "optimizer": opt.to_dict(), "lora": lora.to_dict(),
+           "params": trained["eager_full"], "variants": {}, "ratios": ratios}
+    for k in keys:
+        res["variants"][k] = {"time_ms": summarize(times[k]), **memory[k], "trained_params": trained[k],
+                              **({"compile_s": compile_s[k]} if k in compile_s else {})}
+    pk = memory["pockc_last2"]["peak_bytes"]
+    res["claims"] = [
+        {"claim": "pockc last-2 >= 1.3x faster than eager last-2", "ratio": ratios["eager_last2_over_pockc_last2"],
+         "threshold": 1.3},
+        {"claim": "pockc last-2 >= 2.5x faster than eager full", "ratio": ratios["eager_full_over_pockc_last2"],
+         "threshold": 2.5},
+        {"claim": "pockc last-2 peak below eager last-2", "ratio": memory["eager_last2"]["peak_bytes"] / pk,
+         "threshold": 1.0, "strict": True},
+        {"claim": "pockc last-2 peak below eager full", "ratio": memory["eager_full"]["peak_bytes"] / pk,
+         "threshold": 1.0, "strict": True},
+        {"claim": "pockc LoRA last-2 faster than eager LoRA last-2", "ratio": ratios["eager_lora_over_pockc_lora"],
+         "threshold": 1.0, "strict": True},
+    ]
+    for c in res["claims"]:
+        c["pass"] = c["ratio"] > c["threshold"] if c.get("strict") else c["ratio"] >= c["threshold"]
+        c["quick_mode"] = quick
+    return res
+
+
+def markdown(res) -> str:
+    mi, r = res["machine"], res["result"]
+    rows = []
+    for k, v in r["variants"].items():
+        t = v["time_ms"]
+        rows.append([k, f"{v['trained_params']:,}", f"{t['median']:.1f} ({t['min']:.0f}-{t['max']:.0f})",
+                     f"{v['peak_bytes'] / MiB:.1f}", f"{v['resident_bytes'] / MiB:.1f}",
+                     f"{v['compile_s']:.1f}" if "compile_s" in v else ""])
+    lines = [f"# LLM fine-tuning CPU benchmark{' (quick mode)' if res['settings']['quick'] else ''}", "",
+             f"{res['date']}, commit {res['git_commit']} (+ uncommitted issue-5 work); {mi['cpu_model']}, "
+             f"{mi['cpu_cores']} cores, torch {mi['torch']} ({mi['torch_num_threads']} threads), {mi['platform']}; "
+             f"load average {mi.get('load_average_start')} at start, {mi.get('load_average_end')} at end.", "",
+             f"Llama-style decoder {r['sizes']}, AdamW(lr=1e-4), causal LM loss, same batch every step. "
+             f"Median (min-max) of {res['settings']['steps']} timed steps after {res['settings']['warmup']} "
+             "warm-up steps, variants interleaved round-robin in one process. Peak: MiB of tensor storage "
+             "allocated during one step; resident: parameters, buffers, optimizer state.", "",
+             tabulate(rows, headers=["variant", "trained params", "step ms", "peak MiB", "resident MiB", "compile s"],
+                      tablefmt="github"), ""]
+    for k, v in r["ratios"].items():
+        lines.append(f"- {k}: {v:.2f}x")
+    lines.append("")
+    for c in r["claims"]:
+        lines.append(f"- {'PASS' if c['pass'] else 'FAIL'}: {c['claim']}: {c['ratio']:.2f}x "
+                     f"(needs {'>' if c.get('strict') else '>='} {c['threshold']}x)")
+    return "\n".join(lines) + "\n"
+
+
+def run(quick=False, steps=None, warmup=None, out_dir=RESULTS, threads=DEFAULT_THREADS, progress=True):
+    steps = steps if steps is not None else (2 if quick else 7)
+    warmup = warmup if warmup is not None else 1
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        res = {"benchmark": "llm_cpu", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "git_commit": git_commit(), "machine": machine_info(),
+               "settings": {"quick": quick, "steps": steps, "warmup": warmup}}
+        res["machine"]["torch_default_num_threads"] = default_threads
+        res["machine"]["load_average_start"] = load_average()
+        t0 = time.perf_counter()
+        res["result"] = bench(quick, steps, warmup, progress)
+        res["wall_s"] = time.perf_counter() - t0
+        res["machine"]["load_average_end"] = load_average()
+    finally:
+        torch.set_num_threads(default_threads)
+    name = "llm_cpu_quick" if quick else "llm_cpu"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown(res))
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args(argv)
+    res = run(a.quick, a.steps, a.warmup, a.out, a.threads)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
