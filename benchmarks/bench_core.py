@@ -109,73 +109,9 @@ def update_label(update) -> str:
 
 
 # --------------------------------------------------------------------------- eager baselines
-def torch_optimizer(opt: pockc.Optimizer, params, **extra):
-    """torch.optim twin of a pockc optimizer (torch.optim's default ``foreach`` unless ``extra``
-    says otherwise)."""
-    cfg = {k: v for k, v in opt.to_dict().items() if k != "type"}
-    cls = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[type(opt).__name__]
-    return cls(params, **cfg, **extra)
-
-
-def resolved_foreach(params) -> bool:
-    """What torch.optim's ``foreach=None`` resolves to for ``params``."""
-    try:
-        from torch.optim.optimizer import _default_to_fused_or_foreach
-        return bool(_default_to_fused_or_foreach(list(params), differentiable=False, use_fused=False)[1])
-    except Exception:  # noqa: BLE001 -- private API; record "unknown" rather than fail
-        return None
-
-
-class EagerStep:
-    """One eager training step; ``plan=None`` trains every parameter."""
-
-    def __init__(self, model, loss_fn, opt: pockc.Optimizer, plan=None, **optim_kwargs):
-        self.model, self.loss_fn = model, loss_fn
-        params = dict(model.named_parameters())
-        self.sparse = []  # (parameter, row index, leaf holding those rows)
-        if plan is None:
-            leaves = list(params.values())
-        else:
-            for p in params.values():
-                p.requires_grad_(False)
-            leaves = []
-            for name in plan.trainable_names():
-                p = params[name]
-                p.requires_grad_(True)
-                sel = plan.selection(name)
-                if sel is None:
-                    leaves.append(p)
-                    continue
-                idx = slice(sel[1], sel[2]) if sel[0] == "slice" else torch.tensor(list(sel[1]), device=p.device)
-                leaf = p.detach()[idx].clone().requires_grad_(True)
-                leaves.append(leaf)
-                self.sparse.append((p, idx, leaf))
-        self.leaves = leaves
-        self.opt = torch_optimizer(opt, leaves, **optim_kwargs)
-        self.foreach = resolved_foreach(leaves)
-
-    def release_grads(self):
-        self.opt.zero_grad(set_to_none=True)
-        for p, _, _ in self.sparse:
-            p.grad = None
-
-    def __call__(self, *batch):
-        self.release_grads()
-        loss = self.loss_fn(self.model, *batch)
-        loss.backward()
-        for p, idx, leaf in self.sparse:
-            leaf.grad = None if p.grad is None else p.grad[idx]
-        self.opt.step()
-        if self.sparse:
-            with torch.no_grad():
-                for p, idx, leaf in self.sparse:
-                    p[idx] = leaf
-        return loss.detach()
-
-    def resident(self):
-        state = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        return (list(self.model.parameters()) + list(self.model.buffers()) + state
-                + [leaf for _, _, leaf in self.sparse])
+# One eager baseline for the tests' oracle and every benchmark; it lives in the installed package
+# so that `pockc bench` can use it.
+from pockc.bench import EagerStep, resolved_foreach, torch_optimizer  # noqa: E402,F401
 
 
 class PockcStep:

@@ -1,0 +1,86 @@
+"""Backends: how a compiled step's FX program is executed.
+
+* ``"aten"`` -- the emitted torch.fx GraphModule runs op by op on ATen kernels (what
+  ``step.code`` shows). No extra compile time.
+* ``"inductor"`` -- the pruned, scheduled joint graph (forward, the needed backward, the in-place
+  optimizer update) is lowered once per batch shape through ``torch._inductor.compile_fx``:
+  AOTAutograd functionalizes the graph (the in-place writes to parameters, optimizer state and
+  batch-norm buffers become input mutations that the compiled function applies before it
+  returns), and Inductor fuses the element-wise work (batch norm, activations, the update
+  arithmetic of every trained tensor) into generated C++/OpenMP kernels on CPU or Triton kernels
+  on CUDA. Compile time is tens of seconds for a MobileNetV2-sized graph on a small CPU.
+
+OpenMP threads and Inductor on CPU
+----------------------------------
+Inductor's C++ kernels open their own ``#pragma omp parallel`` regions (sized from
+``torch.get_num_threads()`` when the kernel is generated) in the same libgomp as ATen. After each
+region libgomp's worker threads keep spinning for a while (``OMP_WAIT_POLICY`` unset = spin, then
+sleep); a step made of many short Inductor kernels interleaved with ATen's convolutions keeps
+every core busy spinning, and when the cores are shared with other processes (or the spinning
+pool of another parallel region), each barrier waits for a descheduled thread: the step and any
+eager work in the same process slow down by an order of magnitude. Mitigations, in order of
+preference: one intra-op thread per process (``torch.set_num_threads(1)``: Inductor then emits
+no OpenMP regions at all); ``OMP_WAIT_POLICY=PASSIVE`` in the environment *before* torch is
+imported (workers sleep at once; costs ATen's own short parallel regions some speed), which
+``pockc bench`` sets for Inductor runs with more than one thread. The Python API cannot change
+the OpenMP policy after import; :func:`lower` warns when it sees the risky combination.
+
+This module imports torch only; it is part of pockc's runtime.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("aten", "inductor")
+
+# Default per device type, chosen by measurement (benchmarks/results/bench_cpu.md): on CPU the
+# Inductor step is faster per step for convolutional nets but costs 30-80 s of compile time per
+# batch shape on a 2-core machine, so "aten" stays the default there; "inductor" is opt-in.
+# CUDA and MPS have not been measured by this project yet: "aten" until they are.
+DEFAULT_BACKEND = {"cpu": "aten", "cuda": "aten", "mps": "aten"}
+
+
+def check_backend(name) -> str:
+    """Validate a backend name (``None`` means the per-device default)."""
+    if name is None or name in BACKENDS:
+        return name
+    raise ValueError(f"unknown backend {name!r}; use one of: {', '.join(BACKENDS)}")
+
+
+def default_backend(device_type: str) -> str:
+    return DEFAULT_BACKEND.get(device_type, "aten")
+
+
+def device_of(tensors) -> str:
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            return t.device.type
+    return "cpu"
+
+
+def lower(gm: torch.fx.GraphModule, backend: str, example_inputs: list):
+    """A callable running ``gm``'s step with ``backend``; ``example_inputs`` are the real inputs
+    of one call (used for shapes, strides and devices; not modified)."""
+    check_backend(backend)
+    if backend == "aten":
+        return gm
+    return _lower_inductor(gm, example_inputs)
+
+
+def _lower_inductor(gm, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    if (device_of(example_inputs) == "cpu" and torch.get_num_threads() > 1
+            and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"):
+        warnings.warn("pockc: the inductor backend on CPU with more than one intra-op thread can slow "
+                      "down badly when cores are shared (OpenMP threads spin between kernels); use "
+                      "torch.set_num_threads(1) or set OMP_WAIT_POLICY=PASSIVE before importing torch",
+                      stacklevel=4)
+    # Functionalize and compile an inference (no autograd) program: the graph already contains
+    # its backward. The graph mutates trained parameters that require grad; under no_grad that
+    # is allowed, as in optimizer.step().
+    with torch.no_grad():
+        return compile_fx(gm, list(example_inputs))
