@@ -6,11 +6,21 @@ import time
 import torch
 import torch.fx as fx
 
+from pockc.budget import batch_size_of, select_under_budget
 from pockc.errors import CompileError
+from pockc.memory import BudgetError, StepMemory, format_bytes, parse_bytes
+from pockc.passes.channels_last import channels_last
+from pockc.passes.fold_batchnorm import fold_batchnorm
+from pockc.passes.fx_utils import PassResult
+from pockc.passes.inplace_ops import inplace_ops
 from pockc.passes.insert_optimizer import insert_optimizer
+from pockc.passes.plan_memory import plan_memory
+from pockc.passes.fuse_ce_backward import fuse_ce_backward
 from pockc.passes.prune_backward import prune_backward
+from pockc.passes.schedule_memory import schedule_memory
 from pockc.passes.schedule_updates import schedule_updates
 from pockc.plan import UpdatePlan, resolve_update
+from pockc.runtime import backends as _backends
 from pockc.runtime.optim import SGD, Optimizer
 from pockc.runtime.train_step import TrainStep
 from pockc.trace import analyze_forward, trace_joint
@@ -50,24 +60,60 @@ def run_passes(gm, stages):
     return gm
 
 
-def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer):
+def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule: bool = True):
     """The pipeline: trace the joint graph, prune it, add the optimizer, schedule."""
     gm, layout = trace_joint(model, loss_fn, batch, plan)                 # forward + needed backward
     gm = run_passes(gm, [
         ("prune_backward", lambda g: prune_backward(g, layout)),         # channel slices, masks, DCE
+        ("fuse_ce_backward", lambda g: fuse_ce_backward(g, min_classes=1024)),                           # CE grad in place over log-probs
+        ("fold_batchnorm", lambda g: fold_batchnorm(g, layout)),        # frozen eval BN into its conv
+        ("channels_last", lambda g: channels_last(g, layout)),          # NHWC activations on CPU
         ("insert_optimizer", lambda g: insert_optimizer(g, layout, optimizer)),  # in-place updates
+        ("plan_memory(before)", lambda g: _record_peak_before(g, layout)),  # for the report
         ("schedule_updates", schedule_updates),                           # update right after grad
-    ])
+    ] + ([("schedule_memory", lambda g: schedule_memory(g, layout)),   # reorder for a lower peak
+          ("inplace_ops", lambda g: inplace_ops(g, layout))] if schedule else []))  # reuse dying inputs
     return gm, layout
 
 
-def compile(model: torch.nn.Module, loss_fn, example_batch, update="full", optimizer: Optimizer | None = None,
-            *, verbose: bool = False) -> TrainStep:
+_PROBE_CACHE: dict = {}   # planned peaks of single-layer probe plans, reused by later compiles
+
+
+def _probe_key(model, loss_fn, batch, optimizer):
+    from pockc.runtime.train_step import batch_signature
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
+    modes = tuple(m.training for m in model.modules())
+    return (type(model), repr(model), modes, id(loss_fn), shapes, batch_signature(batch), repr(optimizer))
+
+
+def _record_peak_before(gm, layout):
+    gm.meta["pockc.peak_before"] = plan_memory(gm, layout).peak_bytes
+    return PassResult(gm, False)
+
+
+def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimizer: Optimizer | None = None,
+            *, budget=None, verbose: bool = False, backend: str | None = None, scores=None,
+            max_layers: int = 12) -> TrainStep:
     """Compile one training step of ``model``.
 
     ``update`` is a preset (``"full"``, ``"bias"``, ``"last:K"``, ``"head"``; join with ``+``), a
     dict of glob patterns over parameter names to ``"full"`` / ``"frozen"`` / ``"channels:R"``, an
-    UpdatePlan, or a list of these (later entries override earlier ones).
+    UpdatePlan, or a list of these (later entries override earlier ones). Without ``update`` and
+    ``budget`` the whole model is fine-tuned.
+
+    ``budget`` (``"256KB"``, ``"1.5MB"``, bytes as an int; KB/MB/GB are 1024-based) bounds the step's
+    writable memory (trained weights, optimizer state, batch, activations, gradients,
+    temporaries; frozen weights are read-only). With no ``update``, pockc chooses the plan of most
+    expected benefit whose planned peak fits (pockc/budget.py: contribution ``scores`` when
+    given, else the prior "later layers and biases first"; the last ``max_layers`` layers are
+    candidates). With an ``update``, that plan must fit. Raises ``pockc.BudgetError`` otherwise.
+    ``step.memory`` holds the plan: ``peak_bytes``, ``breakdown``, ``arena_bytes``, ``measure()``.
+
+    ``backend``: ``"aten"`` runs the emitted FX program op by op (the default on every device,
+    see runtime/backends.py); ``"inductor"`` lowers it through torch._inductor on the first call
+    (tens of seconds of compile time, fused kernels after). On CPU with several threads, set
+    ``OMP_WAIT_POLICY=PASSIVE`` before importing torch, or call ``torch.set_num_threads(1)``:
+    spinning OpenMP threads otherwise slow Inductor steps down on shared cores.
 
     >>> import torch, torch.nn.functional as F, pockc
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -80,10 +126,41 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update="full", optim
     ['2.bias', '2.weight']
     """
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
+    if backend is not None and backend not in _backends.BACKENDS:
+        raise CompileError(f"unknown backend {backend!r}; use one of: {', '.join(_backends.BACKENDS)}")
+    budget_bytes = parse_bytes(budget) if budget is not None else None
     t0 = time.perf_counter()
     order = analyze_forward(model, loss_fn, batch)
-    plan = resolve_update(update, model, order)
-    gm, layout = build_graph(model, loss_fn, batch, plan, optimizer)
+    selection, built = None, {}
+    if update is None and budget_bytes is not None:
+        def plan_peak(p, final=True):
+            key = (_probe_key(model, loss_fn, batch, optimizer), p.to_json())
+            if not final and key in _PROBE_CACHE:
+                return _PROBE_CACHE[key]
+            g, lay = build_graph(model, loss_fn, batch, p, optimizer, schedule=final)
+            peak = plan_memory(g, lay).required_bytes   # peak, or the arena if larger
+            if final:
+                built[id(p)] = (g, lay)
+            else:
+                if len(_PROBE_CACHE) > 4096:
+                    _PROBE_CACHE.clear()
+                _PROBE_CACHE[key] = peak
+            return peak
+
+        selection = select_under_budget(model, budget_bytes, order, plan_peak, scores=scores,
+                                        max_layers=max_layers, batch_size=batch_size_of(batch),
+                                        progress=True if verbose else None,
+                                        state_tensors=len(optimizer.state_names))
+        plan = selection.plan
+    else:
+        plan = resolve_update("full" if update is None else update, model, order)
+    gm, layout = built.get(id(plan)) or build_graph(model, loss_fn, batch, plan, optimizer)
+    mem = plan_memory(gm, layout)
+    if budget_bytes is not None and mem.required_bytes > budget_bytes:
+        raise BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)} (planned peak "
+                          f"{mem.peak_bytes:,} B, arena {mem.arena_bytes:,} B), over the "
+                          f"budget of {format_bytes(budget_bytes)}; leave out the update policy to let pockc "
+                          f"choose one that fits, or use a smaller batch or a larger budget")
     if layout.unused:
         import warnings
         warnings.warn(f"pockc: trained parameters with no path to the loss get no update: {layout.unused}",
@@ -96,6 +173,10 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update="full", optim
         return g
 
     step = TrainStep(model, gm, layout, optimizer, plan, batch, recompile)
+    step.backend = _backends.check_backend(backend) or _backends.default_backend(_backends.device_of(batch))
+    step.memory = StepMemory(step, mem, gm.meta.get("pockc.peak_before"), gm.meta.get("pockc.schedule"))
+    step.budget = budget_bytes
+    step.selection = selection
     step.compile_seconds = time.perf_counter() - t0
     if verbose:
         print(plan.table())

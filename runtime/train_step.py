@@ -53,6 +53,8 @@ class TrainStep:
         self._recompile = recompile
         self._warned = False
         self.step_count = 0
+        self.backend = "aten"  # how the graph runs: runtime/backends.py (set by pockc.compile)
+        self._lowered = {}     # id(graph) -> callable, for backends other than aten
         if state is None:
             params = dict(model.named_parameters())
             state = {}
@@ -111,9 +113,19 @@ class TrainStep:
     def __call__(self, *batch):
         gm = self._graph_for(batch)
         with torch.no_grad():
-            loss = gm(*self.inputs(batch))
+            inputs = self.inputs(batch)
+            loss = self._executable(gm, inputs)(*inputs)
         self.step_count += 1
         return loss[0] if isinstance(loss, (tuple, list)) else loss
+
+    def _executable(self, gm, inputs):
+        if self.backend == "aten":
+            return gm
+        fn = self._lowered.get(id(gm))
+        if fn is None:  # lowered once per batch shape, on the first call with real inputs
+            from .backends import lower
+            fn = self._lowered[id(gm)] = lower(gm, self.backend, inputs)
+        return fn
 
     def trainable_parameters(self) -> dict:
         """name -> the trained tensor (a view of the selected rows for a slice selection)."""
