@@ -55,7 +55,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -227,17 +226,11 @@ def bench_model(spec, steps, warmup, bar):
 
 # --------------------------------------------------------------------------- reporting
 def machine_info():
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu,
-            "cpu_cores": os.cpu_count(), "torch": torch.__version__, "torch_num_threads": torch.get_num_threads()}
+    from pockc.bench import machine_info as _machine_info
+    info = _machine_info("cpu")
+    info.pop("device", None)
+    info["torch_num_threads"] = torch.get_num_threads()
+    return info
 
 
 def git_commit():
