@@ -20,7 +20,9 @@ update), *temporary* (everything else, including the loss and activation gradien
 The peak is taken at each node with its inputs and outputs alive, which is what the exact CPU
 tracker in runtime/memory.py measures. Storage sizes come from the nodes' fake values
 (refreshed by insert_optimizer), so the plan is exact for the aten graph as it will run; memory a
-kernel allocates and frees internally (oneDNN scratch) is invisible to both.
+kernel allocates and frees internally (oneDNN scratch) is invisible to both. On CUDA sizes are
+rounded to the caching allocator's 512-byte blocks; library workspaces (cuBLAS, cuDNN) are not
+modelled and have not been measured yet (no GPU so far).
 
 The arena puts every writable storage at an offset: persistent ones first, then the transient
 ones by the greedy-by-size policy of TFLite's memory planner (largest first, lowest offset that
@@ -111,7 +113,10 @@ def _nbytes(val) -> int:
     if val.numel() == 0:
         return 0
     span = 1 + sum((s - 1) * st for s, st in zip(val.shape, val.stride()) if s > 0)
-    return span * val.element_size()
+    nbytes = span * val.element_size()
+    if val.device.type == "cuda":   # the caching allocator hands out blocks in 512-byte multiples
+        nbytes = (nbytes + 511) // 512 * 512
+    return nbytes
 
 
 def _returns_input(node):
