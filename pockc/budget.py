@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pockc.errors import BudgetError
+from pockc.errors import BudgetError, CompileError
 from pockc.memory import format_bytes
 from pockc.plan import Rule, UpdatePlan, _is_norm
 
@@ -179,9 +179,19 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
     params = dict(model.named_parameters())
     cands = [Candidate(m, o, rules) for m, o, rules in opts]
     probed = [c for c in cands if not c.option.startswith("channels:")]
+    failed = {}
     for c in tqdm(probed, desc="pockc: planning candidate updates", unit="plan",
                   disable=None if progress is None else not progress, leave=False):
-        c.peak = plan_peak(_plan_of(model, c.rules), final=False)
+        try:
+            c.peak = plan_peak(_plan_of(model, c.rules), final=False)
+        except CompileError as e:   # e.g. a layer with no path to the loss: not a candidate
+            failed[c.layer] = e
+    if failed:
+        if len(failed) == len({c.layer for c in probed}):
+            raise next(iter(failed.values()))
+        cands = [c for c in cands if c.layer not in failed]
+        probed = [c for c in probed if c.layer not in failed]
+        layers = [m for m in layers if m not in failed]
     by = {(c.layer, c.option): c for c in cands}
     for c in cands:
         if c.option.startswith("channels:"):
