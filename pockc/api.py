@@ -140,7 +140,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             g, lay = build_graph(model, loss_fn, batch, p, optimizer, schedule=final)
             peak = plan_memory(g, lay).required_bytes   # peak, or the arena if larger
             if final:
-                built[id(p)] = (g, lay)
+                built[p.to_json()] = (g, lay)
             else:
                 if len(_PROBE_CACHE) > 4096:
                     _PROBE_CACHE.clear()
@@ -154,7 +154,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
         plan = selection.plan
     else:
         plan = resolve_update("full" if update is None else update, model, order)
-    gm, layout = built.get(id(plan)) or build_graph(model, loss_fn, batch, plan, optimizer)
+    gm, layout = built.get(plan.to_json()) or build_graph(model, loss_fn, batch, plan, optimizer)
     mem = plan_memory(gm, layout)
     if budget_bytes is not None and mem.required_bytes > budget_bytes:
         raise BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)} (planned peak "
