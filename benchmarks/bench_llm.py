@@ -36,7 +36,7 @@ import torch
 from tabulate import tabulate
 
 import pockc
-from benchmarks.bench_core import (DEFAULT_THREADS, MiB, RESULTS, EagerStep, git_commit, load_average,
+from benchmarks.bench_core import (DEFAULT_THREADS, MiB, RESULTS, EagerStep, PockcStep, git_commit, load_average,
                                    machine_info, measure_memory, summarize)
 from pockc import zoo
 from pockc.lora import attach_lora, match_targets
@@ -44,21 +44,14 @@ from pockc.lora import attach_lora, match_targets
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-class FinetuneRunner:
+class FinetuneRunner(PockcStep):
+    """PockcStep's running and accounting, over a step built by pockc.finetune."""
+
     def __init__(self, model, loss_fn, batch, opt, **kw):
         self.model = model
         t0 = time.perf_counter()
         self.step = pockc.finetune(model, loss_fn, batch, optimizer=copy.deepcopy(opt), **kw)
         self.compile_seconds = time.perf_counter() - t0
-
-    def release_grads(self):
-        pass
-
-    def __call__(self, *batch):
-        return self.step(*batch)
-
-    def resident(self):
-        return list(self.model.parameters()) + list(self.model.buffers()) + list(self.step.state.values())
 
 
 def eager_lora(model, loss_fn, opt, lora, layers_k):

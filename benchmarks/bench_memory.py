@@ -122,7 +122,7 @@ def markdown(rows, meta):
     head = ["model", "update", "trained / all params", "eager full (KB)", "eager same set (KB)",
             "pockc planned (KB)", "pockc measured (KB)", "pockc before scheduling (KB)", "pockc arena (KB)",
             "eager same / pockc", "eager full / pockc"]
-    lines = [f"# Peak writable memory (issue 3)", "",
+    lines = ["# Peak writable memory (issue 3)", "",
              f"{meta['date']} · {meta['machine']} · torch {meta['torch']} · commit {meta['commit']}", "",
              tabulate(table, headers=head, tablefmt="github"), "",
              "Writable = trained weights + optimizer state + buffers + batch + activations, gradients and "

@@ -53,7 +53,7 @@ def inplace_ops(gm: fx.GraphModule, layout=None) -> PassResult:
     graph = gm.graph
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    storages, root, made = storages_of(graph, layout)
+    _, root, made = storages_of(graph, layout)
     last_read = {}                                  # storage id -> position of its last reader
     for n in nodes:
         for a in n.all_input_nodes:

@@ -25,7 +25,6 @@ the current order):
 """
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
 
 import torch
@@ -70,7 +69,7 @@ def _dependencies(nodes, root):
 def _orders(graph: fx.Graph, layout):
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    storages, root, made = storages_of(graph, layout)
+    _, root, made = storages_of(graph, layout)
     body = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
     head = [n for n in nodes if n.op in ("placeholder", "get_attr")]
     deps = _dependencies(body, root)
@@ -81,18 +80,13 @@ def _orders(graph: fx.Graph, layout):
         for d in deps[n]:
             users[d].append(n)
     readers = defaultdict(set)           # storage id -> body nodes reading it
-    size = {}
     for n in body:
         for a in n.all_input_nodes:
             for s in flat(root.get(a)):
                 if not s.persistent:
                     readers[id(s)].add(n)
-                    size[id(s)] = s.nbytes
     out_node = nodes[-1]
     pinned = {id(s) for a in out_node.all_input_nodes for s in flat(root.get(a))}
-
-    def alloc(n):
-        return sum(s.nbytes for s in made.get(n, ()))
 
     def run(policy):
         left = {n: len(deps[n]) for n in body}

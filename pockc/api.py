@@ -138,9 +138,10 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             if not final and key in _PROBE_CACHE:
                 return _PROBE_CACHE[key]
             g, lay = build_graph(model, loss_fn, batch, p, optimizer, schedule=final)
-            peak = plan_memory(g, lay).required_bytes   # peak, or the arena if larger
+            mem = plan_memory(g, lay)
+            peak = mem.required_bytes   # peak, or the arena if larger
             if final:
-                built[p.to_json()] = (g, lay)
+                built[p.to_json()] = (g, lay, mem)
             else:
                 if len(_PROBE_CACHE) > 4096:
                     _PROBE_CACHE.clear()
@@ -154,8 +155,11 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
         plan = selection.plan
     else:
         plan = resolve_update("full" if update is None else update, model, order)
-    gm, layout = built.get(plan.to_json()) or build_graph(model, loss_fn, batch, plan, optimizer)
-    mem = plan_memory(gm, layout)
+    if plan.to_json() in built:                      # the selected plan, compiled and planned already
+        gm, layout, mem = built[plan.to_json()]
+    else:
+        gm, layout = build_graph(model, loss_fn, batch, plan, optimizer)
+        mem = plan_memory(gm, layout)
     if budget_bytes is not None and mem.required_bytes > budget_bytes:
         raise BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)} (planned peak "
                           f"{mem.peak_bytes:,} B, arena {mem.arena_bytes:,} B), over the "

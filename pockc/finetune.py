@@ -16,7 +16,6 @@ Capture is ``make_fx`` (pockc/trace.py); if that cannot trace the model, torch.e
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 import time
 import warnings
@@ -32,7 +31,7 @@ from pockc.lora import load_adapter as _load_adapter
 from pockc.lora import save_adapter as _save_adapter
 from pockc.memory import StepMemory
 from pockc.passes.plan_memory import plan_memory
-from pockc.plan import Rule, UpdatePlan, _blocks, _closest, resolve_update
+from pockc.plan import Rule, UpdatePlan, _blocks, match_pattern, resolve_update
 from pockc.runtime.train_step import TrainStep, selected_rows
 from pockc.trace import analyze_forward
 
@@ -100,10 +99,7 @@ def _rules_for(update, model, order, scope, adapters):
         if isinstance(item, dict):
             for pattern, value in item.items():
                 rule = Rule.parse(value)
-                hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-                if not hits:
-                    raise PlanError(f"update pattern {pattern!r} matches no parameter; closest names: "
-                                    f"{_closest(pattern, names)}")
+                hits = match_pattern(pattern, names)
                 kept = [n for n in hits if scope is None or scope(n)]
                 if not kept:
                     raise PlanError(f"update pattern {pattern!r} matches only parameters outside the fine-tuned "

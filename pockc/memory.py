@@ -103,7 +103,7 @@ class StepMemory:
             else:
                 whole.append(t)
         base += storage_bytes(whole)
-        run = step._executable(gm, inputs) if hasattr(step, "_executable") else gm
+        run = step._executable(gm, inputs)
         with torch.no_grad(), track_peak(device) as tracker:
             out = run(*inputs)
         step.step_count += 1

@@ -278,6 +278,16 @@ def _closest(pattern, names):
     return ", ".join(close) if close else ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
+def match_pattern(pattern, names) -> list:
+    """Parameter names matching the glob ``pattern``; a pattern matching nothing is a PlanError
+    naming the closest parameters."""
+    hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not hits:
+        raise PlanError(f"update pattern {pattern!r} matches no parameter; closest names: "
+                        f"{_closest(pattern, names)}")
+    return hits
+
+
 def resolve_update(update, model, exec_order=None) -> UpdatePlan:
     """Turn a policy into an UpdatePlan for ``model``. ``exec_order`` lists module names in the
     order a forward pass first calls them (used by ``last:K`` and ``head``)."""
@@ -304,11 +314,7 @@ def resolve_update(update, model, exec_order=None) -> UpdatePlan:
         elif isinstance(item, dict):
             for pattern, value in item.items():
                 rule = Rule.parse(value)
-                hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-                if not hits:
-                    raise PlanError(f"update pattern {pattern!r} matches no parameter; closest names: "
-                                    f"{_closest(pattern, names)}")
-                for n in hits:
+                for n in match_pattern(pattern, names):
                     rule.selection(shapes[n])  # validates indices against this tensor
                     rules[n] = rule
         else:

@@ -9,13 +9,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import pockc
 from pockc.budget import knapsack
 from pockc.memory import format_bytes, parse_bytes
-from pockc.passes.plan_memory import check_arena, greedy_by_size, plan_memory
+from pockc.passes.plan_memory import check_arena, greedy_by_size
 from pockc.zoo import ZOO
 from tests.oracle import assert_match, eager_steps
 
