@@ -106,7 +106,8 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     temporaries; frozen weights are read-only). With no ``update``, pockc chooses the plan of most
     expected benefit whose planned peak fits (pockc/budget.py: contribution ``scores`` when
     given, else the prior "later layers and biases first"; the last ``max_layers`` layers are
-    candidates). With an ``update``, that plan must fit. Raises ``pockc.BudgetError`` otherwise.
+    candidates; scores measured on top of a base update, ``score_layers(base=...)``, make every
+    plan train that base). With an ``update``, that plan must fit. Raises ``pockc.BudgetError`` otherwise.
     ``step.memory`` holds the plan: ``peak_bytes``, ``breakdown``, ``arena_bytes``, ``measure()``.
 
     ``backend``: ``"aten"`` runs the emitted FX program op by op (the default on every device,
@@ -148,7 +149,9 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
                 _PROBE_CACHE[key] = peak
             return peak
 
-        selection = select_under_budget(model, budget_bytes, order, plan_peak, scores=scores,
+        base = getattr(scores, "base", None)        # LayerScores measured on top of a base update
+        required = resolve_update(base, model, order).rules if base is not None else None
+        selection = select_under_budget(model, budget_bytes, order, plan_peak, scores=scores, required=required,
                                         max_layers=max_layers, batch_size=batch_size_of(batch),
                                         progress=True if verbose else None,
                                         state_tensors=len(optimizer.state_names))

@@ -65,35 +65,42 @@ class Selection:
     tries: list = field(default_factory=list)    # (capacity, planned peak, fits)
     seconds: float = 0.0
     source: str = "prior"
+    required: dict = field(default_factory=dict)  # param name -> Rule, trained by every plan
 
     def table(self) -> str:
         from tabulate import tabulate
         rows = []
+        if self.required:
+            layers = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self.required})
+            rows.append([", ".join(layers), "base", "", f"{self.base:,}", "0", "always"])
         for c in self.candidates:
             rows.append([c.layer, c.option, f"{c.benefit:.3f}", ("~" if c.estimated else "") + f"{c.peak:,}",
                          ("~" if c.estimated else "") + f"{c.cost:,}",
                          "yes" if self.chosen.get(c.layer) == c.option else ""])
-        return tabulate(rows, headers=["layer", "option", f"benefit ({self.source})", "peak alone (B)",
+        alone = "peak with base (B)" if self.required else "peak alone (B)"
+        return tabulate(rows, headers=["layer", "option", f"benefit ({self.source})", alone,
                                        "cost over base (B)", "chosen"], tablefmt="simple")
 
     def to_dict(self) -> dict:
         return {"budget": self.budget, "peak": self.peak, "base": self.base, "chosen": self.chosen,
                 "source": self.source, "seconds": round(self.seconds, 3),
+                "required": {n: str(r) for n, r in self.required.items()},
                 "tries": [{"capacity": c, "peak": p, "fits": f} for c, p, f in self.tries],
                 "candidates": [{"layer": c.layer, "option": c.option, "benefit": c.benefit, "peak": c.peak,
                                 "estimated": c.estimated, "cost": c.cost} for c in self.candidates]}
 
 
-def layer_options(model, exec_order, max_layers=12):
-    """[(layer, option, rules)] for the last ``max_layers`` layers with direct parameters."""
+def layer_options(model, exec_order, max_layers=12, exclude=()):
+    """[(layer, option, rules)] for the last ``max_layers`` layers with direct parameters, leaving
+    out layers whose parameters are all in ``exclude`` (e.g. a base update that is always trained)."""
     mods = dict(model.named_modules())
     layers = []
     for m in exec_order:
         mod = mods.get(m)
         if mod is None:
             continue
-        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
-        if own and m not in layers:
+        own = [f"{m}.{n}" if m else n for n, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
+        if own and m not in layers and not set(own) <= set(exclude):
             layers.append(m)
     layers = layers[-max_layers:]
     out = []
@@ -160,8 +167,11 @@ def knapsack(groups, capacity: int, units: int = DP_UNITS):
 
 
 def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=None, max_layers=12,
-                        batch_size=None, progress=None, state_tensors=1) -> Selection:
+                        batch_size=None, progress=None, state_tensors=1, required=None) -> Selection:
     """Choose an UpdatePlan whose real planned peak fits ``budget`` bytes.
+
+    ``required`` (param name -> Rule): a base update every plan trains (e.g. a new classifier);
+    the candidates are the other layers and their costs are measured on top of it.
 
     ``plan_peak(UpdatePlan, final=bool) -> int`` compiles a plan and returns the bytes it needs
     (its planned peak, or its static arena where fragmentation makes that larger)
@@ -171,8 +181,9 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    opts = layer_options(model, exec_order, max_layers)
-    if not opts:
+    required = {n: r for n, r in (required or {}).items() if Rule.parse(r).kind != "frozen"}
+    opts = layer_options(model, exec_order, max_layers, exclude=required)
+    if not opts and not required:
         raise BudgetError("the model has no floating-point parameters to fine-tune")
     layers = list(dict.fromkeys(m for m, _, _ in opts))
     depth = {m: (k + 1) / len(layers) for k, m in enumerate(layers)}
@@ -183,11 +194,11 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
     for c in tqdm(probed, desc="pockc: planning candidate updates", unit="plan",
                   disable=None if progress is None else not progress, leave=False):
         try:
-            c.peak = plan_peak(_plan_of(model, c.rules), final=False)
+            c.peak = plan_peak(_plan_of(model, {**required, **c.rules}), final=False)
         except CompileError as e:   # e.g. a layer with no path to the loss: not a candidate
             failed[c.layer] = e
     if failed:
-        if len(failed) == len({c.layer for c in probed}):
+        if len(failed) == len({c.layer for c in probed}) and not required:
             raise next(iter(failed.values()))
         cands = [c for c in cands if c.layer not in failed]
         probed = [c for c in probed if c.layer not in failed]
@@ -206,16 +217,25 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
             c.benefit = float(scores.get((c.layer, c.option), 0.0))
         else:
             c.benefit = depth[c.layer] ** 2 * OPTION_PRIOR.get(c.option, 0.5)
-    base = min(c.peak for c in probed)
+    if required:   # the base plan is the floor every candidate's cost is measured from
+        floor = Candidate("+".join(sorted({n.rsplit(".", 1)[0] for n in required})), "base (always)",
+                          dict(required))
+        floor.peak = plan_peak(_plan_of(model, required), final=False)
+        if floor.peak > budget:
+            raise BudgetError(_no_fit_message(budget, floor, batch_size))
+        base = floor.peak
+    else:
+        base = min(c.peak for c in probed)
+        smallest = min(probed, key=lambda c: c.peak)
+        if smallest.peak > budget:
+            raise BudgetError(_no_fit_message(budget, smallest, batch_size))
     for c in cands:
         c.cost = max(0, c.peak - base)
-    smallest = min(probed, key=lambda c: c.peak)
-    if smallest.peak > budget:
-        raise BudgetError(_no_fit_message(budget, smallest, batch_size))
 
     groups = {m: [c for c in cands if c.layer == m] for m in layers}
     order = list(groups)
-    sel = Selection(None, 0, budget, cands, base=base, source="scores" if scores is not None else "prior")
+    sel = Selection(None, 0, budget, cands, base=base, source="scores" if scores is not None else "prior",
+                    required=dict(required))
     capacity = budget - base
     best = None                                   # (benefit, plan, peak, chosen)
     seen = {}
@@ -225,12 +245,12 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
             break
         chosen = {m: groups[m][j].option for m, j in zip(order, pick) if j is not None}
         key = tuple(sorted(chosen.items()))
-        if not chosen:
+        if not chosen and not required:
             break
         if key in seen:
             peak = seen[key]
         else:
-            rules = {}
+            rules = dict(required)
             for m, j in zip(order, pick):
                 if j is not None:
                     rules.update(groups[m][j].rules)
@@ -249,8 +269,12 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
         else:
             break
     if best is None:  # the additive model kept overshooting: the best probed option that fits
-        c = max((c for c in probed if c.peak <= budget), key=lambda c: c.benefit)
-        best = (c.benefit, _plan_of(model, c.rules), c.peak, {c.layer: c.option})
+        fit = [c for c in probed if c.peak <= budget]
+        if fit:
+            c = max(fit, key=lambda c: c.benefit)
+            best = (c.benefit, _plan_of(model, {**required, **c.rules}), c.peak, {c.layer: c.option})
+        else:     # only the base plan fits
+            best = (0.0, _plan_of(model, required), base, {})
     sel.plan, sel.peak, sel.chosen = best[1], best[2], best[3]
     sel.seconds = time.perf_counter() - t0
     return sel

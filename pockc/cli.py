@@ -2,12 +2,26 @@
 
     pockc compile model.py --update last:2 -o build/
 
-A model file defines three functions (and optionally a fourth):
+A model file defines three functions:
 
     def model() -> torch.nn.Module                 # the model to fine-tune, in train or eval mode
     def example_batch() -> tuple                   # e.g. (x, y): the step is specialized to its shapes
     def loss_fn(model, *batch) -> scalar tensor    # e.g. F.cross_entropy(model(x), y)
-    def optimizer() -> pockc.SGD | pockc.AdamW     # optional; --optimizer/--lr override it
+
+and optionally:
+
+    def optimizer() -> pockc.SGD | pockc.AdamW     # --optimizer/--lr override it
+    def train_data() -> iterable of batches        # the task's data, each batch shaped like
+    def val_data() -> iterable of batches          #   example_batch() (val batches: any size)
+    def metric(model, *batch) -> float             # higher is better, e.g. accuracy (default: -loss)
+    def scoring() -> dict                          # keyword arguments of pockc.score_layers,
+                                                   #   e.g. {"steps": 60, "base": "head"}
+
+With --budget and train_data()/val_data(), pockc measures each candidate layer's contribution by
+fine-tuning it alone (pockc.score_layers; cached, or reused with --scores FILE) and spends the
+budget where it buys the most; without them it uses the prior (later layers first, biases
+cheapest) and says so. --epochs N then fine-tunes the compiled step on train_data() and reports
+the metric on val_data() before and after.
 """
 from __future__ import annotations
 
@@ -73,6 +87,73 @@ def _optimizer(args, module):
     raise UsageError(f"unknown optimizer {args.optimizer!r}; use sgd or adamw")
 
 
+def _user_call(module, name, *args):
+    """Call the model file's ``name`` function; its exceptions are the user's, said in one line."""
+    try:
+        return getattr(module, name)(*args)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{name}() in the model file raised {type(e).__name__}: {e}") from e
+
+
+def _task_data(args, module, batch):
+    """(train, val) batches from the model file, or (None, None) when it defines neither."""
+    import torch
+    has = [callable(getattr(module, f, None)) for f in ("train_data", "val_data")]
+    if not any(has):
+        return None, None
+    if not all(has):
+        raise UsageError(f"{args.model} defines {'train_data' if has[0] else 'val_data'}() but not "
+                         f"{'val_data' if has[0] else 'train_data'}(); define both")
+    out = []
+    for name in ("train_data", "val_data"):
+        data = _user_call(module, name)
+        try:
+            data = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
+        except TypeError:
+            raise UsageError(f"{name}() must return an iterable of batches (tuples of tensors)") from None
+        if not data:
+            raise UsageError(f"{name}() returned no batches")
+        out.append(data)
+    sig = lambda b: [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in b]  # noqa: E731
+    for i, b in enumerate(out[0]):
+        if sig(b) != sig(batch):
+            raise UsageError(f"train_data() batch {i} has shapes {sig(b)} but example_batch() has {sig(batch)}; "
+                             "the step and its memory plan are specialized to example_batch()'s shapes "
+                             "(drop or pad a partial last batch)")
+    return out
+
+
+def _scores(args, module, model, batch, optimizer, train, val, budget):
+    """Contribution scores for --budget: from --scores, measured on the task data, or None (prior)."""
+    import pockc
+    if args.scores is not None:
+        if not os.path.isfile(args.scores):
+            raise UsageError(f"--scores: {args.scores!r} not found")
+        try:
+            scores = pockc.LayerScores.from_json(args.scores)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--scores: {args.scores} is not a scores file written by pockc ({e})") from None
+        print(f"contribution scores: {len(scores)} candidates from {args.scores}")
+        return scores
+    if budget is None or args.update is not None:
+        return None
+    if train is None:
+        print(f"note: {os.path.basename(args.model)} defines no train_data()/val_data(): choosing on the "
+              "prior (later layers first, biases cheapest). Define them to measure each layer's "
+              "contribution on your task.")
+        return None
+    settings = dict(_user_call(module, "scoring")) if callable(getattr(module, "scoring", None)) else {}
+    metric = getattr(module, "metric", None)
+    scores = pockc.score_layers(model, module.loss_fn, train, val, metric=metric, optimizer=optimizer,
+                                progress=True if args.verbose else None, log=lambda m: print(f"pockc: {m}", flush=True),
+                                **settings)
+    how = f"cached: {scores.path}" if scores.cached else f"measured, saved to {scores.path or 'nowhere (no cache)'}"
+    print(f"contribution scores ({how}):")
+    print(scores.table())
+    print()
+    return scores
+
+
 def cmd_compile(args):
     module = _load_model_file(args.model)
     import torch
@@ -86,13 +167,23 @@ def cmd_compile(args):
         except pockc.BudgetError as e:
             raise UsageError(f"--budget: {e}") from None
         print(f"budget: {format_bytes(budget)} of writable memory")
-    model, batch = module.model(), module.example_batch()
+    if args.scores is not None and budget is None:
+        raise UsageError("--scores needs --budget: the scores decide what to train under a budget")
+    model, batch = _user_call(module, "model"), _user_call(module, "example_batch")
     if isinstance(batch, torch.Tensor):
         batch = (batch,)
+    batch = tuple(batch)
+    train, val = _task_data(args, module, batch)
+    if args.epochs and train is None:
+        raise UsageError(f"--epochs needs train_data() and val_data() in {args.model}")
     update = _parse_update(args.update) if args.update is not None else None
-    step = pockc.compile(model, module.loss_fn, tuple(batch), update=update,
-                         optimizer=_optimizer(args, module), budget=budget, verbose=args.verbose)
+    optimizer = _optimizer(args, module)
+    scores = _scores(args, module, model, batch, optimizer, train, val, budget)
+    step = pockc.compile(model, module.loss_fn, batch, update=update, optimizer=optimizer, budget=budget,
+                         verbose=args.verbose, scores=scores)
     os.makedirs(args.out, exist_ok=True)
+    if scores is not None:
+        scores.to_json(os.path.join(args.out, "scores.json"))
     lay = step.layout
     header = [f"# Generated by pockc {pockc.__version__} from {os.path.basename(args.model)} "
               f"(update={args.update or ('chosen for --budget ' + args.budget if budget else 'full')!r}, "
@@ -132,11 +223,24 @@ def cmd_compile(args):
         lines.append(f"measured peak of step 1: {format_bytes(measured)} (planned {format_bytes(step.memory.peak_bytes)})")
         lines.append(f"ran {args.steps} steps on the example batch: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
                      + (f" ({ms:.1f} ms/step)" if args.steps > 1 else ""))
+    if args.epochs:
+        from pockc.scoring import evaluate, fit
+        metric = getattr(module, "metric", None)
+        name = "metric()" if metric is not None else "-loss"
+        before = evaluate(model, module.loss_fn, val, metric)
+        t0 = time.perf_counter()
+        losses = fit(step, train, args.epochs, progress=True if args.verbose else None)
+        secs = time.perf_counter() - t0
+        after = evaluate(model, module.loss_fn, val, metric)
+        lines.append(f"fine-tuned {args.epochs} epochs ({len(losses)} steps, cosine lr from {step.optimizer.lr:g}) "
+                     f"in {secs:.1f}s: train loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        lines.append(f"validation {name}: {before:.4f} before fine-tuning -> {after:.4f} after")
     report = "\n".join(lines)
     with open(os.path.join(args.out, "report.txt"), "w") as f:
         f.write(report + "\n")
     print(report)
-    print(f"wrote {os.path.join(args.out, 'train_step.py')}, plan.json, report.txt")
+    print(f"wrote {os.path.join(args.out, 'train_step.py')}, plan.json, report.txt"
+          + (", scores.json" if scores is not None else ""))
     return 0
 
 
@@ -158,6 +262,11 @@ def build_parser():
     c.add_argument("--lr", type=float, default=None, help="learning rate")
     c.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     c.add_argument("--steps", type=int, default=0, help="run this many steps on the example batch and report")
+    c.add_argument("--epochs", type=int, default=0,
+                   help="fine-tune the step this many epochs on train_data() and report the metric on val_data()")
+    c.add_argument("--scores", default=None, metavar="FILE",
+                   help="contribution scores to choose with under --budget (a scores.json from an earlier run) "
+                        "instead of measuring them")
     c.add_argument("-o", "--out", default="build", help="output directory (default: build/)")
     c.set_defaults(func=cmd_compile)
     from pockc import bench  # the suite's logic and options live in pockc/bench.py
