@@ -148,7 +148,7 @@ def metric(model, x, y):
 
 
 def optimizer():
-    return pockc.SGD(lr=0.01, momentum=0.9)
+    return pockc.SGD(lr=0.03, momentum=0.9)
 
 
 def scoring():

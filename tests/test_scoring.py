@@ -83,3 +83,63 @@ def test_bad_data_is_a_clear_error(model, train, val, text):
     _, v = _data()
     with pytest.raises(pockc.CompileError, match=text):
         pockc.score_layers(model, loss_fn, train, val or v, cache_dir=False)
+
+
+def test_knapsack_matches_brute_force_on_random_instances():
+    import itertools
+    import random
+
+    from pockc.budget import knapsack
+    rng = random.Random(0)
+    for _ in range(60):
+        groups = [[(rng.randint(1, 40), rng.uniform(-0.2, 1.0)) for _ in range(rng.randint(1, 3))]
+                  for _ in range(rng.randint(1, 4))]
+        cap = rng.randint(0, 90)
+        best = 0.0
+        for pick in itertools.product(*[[None] + list(range(len(g))) for g in groups]):
+            if sum(groups[i][j][0] for i, j in enumerate(pick) if j is not None) <= cap:
+                best = max(best, sum(groups[i][j][1] for i, j in enumerate(pick) if j is not None))
+        pick = knapsack(groups, cap, units=cap or 1)   # unit costs: exact
+        assert sum(groups[i][j][0] for i, j in enumerate(pick) if j is not None) <= cap
+        assert sum(groups[i][j][1] for i, j in enumerate(pick) if j is not None) == pytest.approx(best)
+
+
+def test_base_update_is_scored_on_top_and_kept_in_every_plan(model):
+    train, val = _data()
+    base = {"c.*": "full"}
+    s = pockc.score_layers(model, loss_fn, train, val, metric=nll, steps=5, base=base, cache_dir=False)
+    assert s.base == base and "c" not in {m for m, _ in s} and "over the base" in s.table()
+    assert s.frozen < s.baseline       # the base alone helps; scores are gains over it
+    assert all(abs(v) < 1e-6 for (m, _), v in s.items() if m == "muted")
+    again = pockc.LayerScores.from_dict(s.to_dict())
+    assert again.base == base and again.frozen == s.frozen
+    step = pockc.compile(model, loss_fn, train[0], budget="64KB", scores=again)
+    assert {"c.weight", "c.bias"} <= set(step.update_plan.trainable_names())
+    assert set(step.selection.required) == {"c.weight", "c.bias"} and "always" in step.selection.table()
+    assert step.memory.plan.required_bytes <= 64 * 1024
+
+
+def test_base_that_does_not_fit_is_a_budget_error(model):
+    train, val = _data()
+    s = pockc.LayerScores({("b", "full"): 0.1}, settings={"base": "full"})
+    with pytest.raises(pockc.BudgetError, match="smallest planned peak"):
+        pockc.compile(model, loss_fn, train[0], budget="4KB", scores=s)
+
+
+def test_fit_decays_lr_restores_it_and_learns(model):
+    from pockc.scoring import evaluate, fit
+    train, val = _data()
+    step = pockc.compile(model, loss_fn, train[0], update={"[abc].*": "full"}, optimizer=pockc.SGD(lr=0.1, momentum=0.9))
+    before = evaluate(model, loss_fn, val, nll)
+    losses = fit(step, train, epochs=4, seed=0)
+    assert len(losses) == 4 * len(train) and step.optimizer.lr == 0.1
+    assert evaluate(model, loss_fn, val, nll) > before
+
+
+def test_mismatched_data_is_a_clear_error(model):
+    train, val = _data()
+    with pytest.raises(pockc.CompileError, match="same shapes"):
+        pockc.score_layers(model, loss_fn, train + [(train[0][0][:3], train[0][1][:3])], val, cache_dir=False)
+    with pytest.raises(pockc.CompileError, match="evaluating the model on val_data failed"):
+        pockc.score_layers(model, loss_fn, train, [(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))],
+                           cache_dir=False)
