@@ -165,7 +165,7 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib is not installed (pip install 'pockc[plot]'): no plot")
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8, 6.5))
     full = next(r for r in rows if r["plan"] == "full")
     markers = iter("o^sDv<>pP*hX")
     for r in rows:
@@ -183,7 +183,7 @@ def plot(rows, path):
     ax.set_xscale("log")
     ax.set_xlabel("planned peak of writable memory (KB, log scale)")
     ax.set_ylabel("test accuracy on digits 5-9 (%)")
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
@@ -192,7 +192,12 @@ def plot(rows, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="redraw the plot from the saved JSON, run nothing")
     a = ap.parse_args(argv)
+    stem = "transfer_cpu_quick" if a.quick else "transfer_cpu"
+    if a.replot:
+        plot(json.loads((RESULTS / f"{stem}.json").read_text())["rows"], RESULTS / f"{stem}.png")
+        return
     torch.set_num_threads(2)
     rows, extra = run(a.quick)
     from pockc.bench import git_commit, machine_info
@@ -200,7 +205,6 @@ def main(argv=None):
     meta = dict(date=datetime.date.today().isoformat(), machine=f"{info['cpu_model']}, {info['cpu_cores']} cores",
                 torch=torch.__version__, commit=git_commit(), python=info["python"])
     RESULTS.mkdir(exist_ok=True)
-    stem = "transfer_cpu_quick" if a.quick else "transfer_cpu"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, **extra, "rows": rows}, indent=1, default=str) + "\n")
     md = markdown(rows, meta, extra)
     if plot(rows, RESULTS / f"{stem}.png"):

@@ -93,7 +93,7 @@ def _record_peak_before(gm, layout):
 
 def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimizer: Optimizer | None = None,
             *, budget=None, verbose: bool = False, backend: str | None = None, scores=None,
-            max_layers: int = 12) -> TrainStep:
+            max_layers: int = 12, remat: str = "auto") -> TrainStep:
     """Compile one training step of ``model``.
 
     ``update`` is a preset (``"full"``, ``"bias"``, ``"last:K"``, ``"head"``; join with ``+``), a
@@ -109,6 +109,12 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     candidates; scores measured on top of a base update, ``score_layers(base=...)``, make every
     plan train that base). With an ``update``, that plan must fit. Raises ``pockc.BudgetError`` otherwise.
     ``step.memory`` holds the plan: ``peak_bytes``, ``breakdown``, ``arena_bytes``, ``measure()``.
+
+    ``remat``: ``"auto"`` (default) -- when the plan (an explicit ``update``, or ``"full"``) does not
+    fit ``budget``, recompute saved activations in the backward pass at the least estimated extra
+    work until it fits (passes/rematerialize.py; ``step.remat`` reports what was recomputed, with a
+    ``table()``; None when nothing was); ``"off"`` -- never recompute. The budget-driven choice of
+    an update plan (no ``update``) considers plans without recomputation.
 
     ``backend``: ``"aten"`` runs the emitted FX program op by op (the default on every device,
     see runtime/backends.py); ``"inductor"`` lowers it through torch._inductor on the first call
@@ -127,6 +133,8 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     ['2.bias', '2.weight']
     """
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
+    if remat not in ("auto", "off"):
+        raise CompileError(f"remat must be 'auto' or 'off', not {remat!r}")
     if backend is not None and backend not in _backends.BACKENDS:
         raise CompileError(f"unknown backend {backend!r}; use one of: {', '.join(_backends.BACKENDS)}")
     budget_bytes = parse_bytes(budget) if budget is not None else None
@@ -163,6 +171,20 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     else:
         gm, layout = build_graph(model, loss_fn, batch, plan, optimizer)
         mem = plan_memory(gm, layout)
+    remat_report = None
+    if budget_bytes is not None and mem.required_bytes > budget_bytes and remat == "auto":
+        from pockc.passes.rematerialize import rematerialize       # recompute saved activations
+        gm = run_passes(gm, [("rematerialize", lambda g: rematerialize(g, layout, budget_bytes))])
+        remat_report = gm.meta["pockc.remat"]
+        if not remat_report.fits:
+            err = BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)}, over the budget "
+                              f"of {format_bytes(budget_bytes)}, and recomputing activations brings it down only "
+                              f"to {format_bytes(remat_report.required_after)} (the smallest peak reached); "
+                              f"train fewer parameters (a smaller update policy or "
+                              f"none), use a smaller batch or a larger budget")
+            err.smallest_bytes = remat_report.required_after
+            raise err
+        mem = gm.meta.pop("pockc.remat_plan", None) or plan_memory(gm, layout)
     if budget_bytes is not None and mem.required_bytes > budget_bytes:
         raise BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)} (planned peak "
                           f"{mem.peak_bytes:,} B, arena {mem.arena_bytes:,} B), over the "
@@ -177,6 +199,9 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
         g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, optimizer)
         if lay.to_dict() != layout.to_dict():
             raise CompileError("recompiling for a new batch shape changed the step's inputs; compile again")
+        if remat_report is not None:   # recompute the same tensors in the new shapes
+            from pockc.passes.rematerialize import rematerialize
+            g = rematerialize(g, lay, None, recompute=remat_report.recomputed).graph_module
         return g
 
     step = TrainStep(model, gm, layout, optimizer, plan, batch, recompile)
@@ -184,9 +209,12 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     step.memory = StepMemory(step, mem, gm.meta.get("pockc.peak_before"), gm.meta.get("pockc.schedule"))
     step.budget = budget_bytes
     step.selection = selection
+    step.remat = remat_report
     step.compile_seconds = time.perf_counter() - t0
     if verbose:
         print(plan.table())
+        if remat_report is not None:
+            print(remat_report.table())
         print(f"compiled in {step.compile_seconds:.2f}s, {len(gm.graph.nodes)} graph nodes")
     return step
 

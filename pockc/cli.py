@@ -167,8 +167,8 @@ def cmd_compile(args):
         except pockc.BudgetError as e:
             raise UsageError(f"--budget: {e}") from None
         print(f"budget: {format_bytes(budget)} of writable memory")
-    if args.scores is not None and budget is None:
-        raise UsageError("--scores needs --budget: the scores decide what to train under a budget")
+    if args.scores is not None and (budget is None or args.update is not None):
+        raise UsageError("--scores needs --budget and no --update: the scores decide what to train under a budget")
     model, batch = _user_call(module, "model"), _user_call(module, "example_batch")
     if isinstance(batch, torch.Tensor):
         batch = (batch,)
@@ -180,7 +180,7 @@ def cmd_compile(args):
     optimizer = _optimizer(args, module)
     scores = _scores(args, module, model, batch, optimizer, train, val, budget)
     step = pockc.compile(model, module.loss_fn, batch, update=update, optimizer=optimizer, budget=budget,
-                         verbose=args.verbose, scores=scores)
+                         verbose=args.verbose, scores=scores, remat=args.remat)
     os.makedirs(args.out, exist_ok=True)
     if scores is not None:
         scores.to_json(os.path.join(args.out, "scores.json"))
@@ -198,6 +198,8 @@ def cmd_compile(args):
     plan = step.update_plan.to_dict()
     plan["budget_bytes"] = budget
     plan["memory"] = step.memory.to_dict()
+    if getattr(step, "remat", None) is not None:
+        plan["remat"] = step.remat.to_dict()
     if step.selection is not None:
         plan["selection"] = step.selection.to_dict()
     with open(os.path.join(args.out, "plan.json"), "w") as f:
@@ -210,6 +212,8 @@ def cmd_compile(args):
         lines += [f"chose the plan of most expected benefit ({sel.source}) that fits, from "
                   f"{len(sel.candidates)} single-layer options of the last {len(dict.fromkeys(c.layer for c in sel.candidates))} "
                   f"layers, {len(sel.tries)} plan(s) verified, in {sel.seconds:.1f}s:", sel.table(), ""]
+    if getattr(step, "remat", None) is not None:
+        lines += [step.remat.table(), ""]
     lines += [step.update_plan.table(), "", step.memory.table(budget), "", step.memory.summary(budget), "",
               f"graph: {stats.get('forward', 0)} forward, {stats.get('backward', 0)} backward, "
               f"{stats.get('update', 0)} update ops; compiled in {step.compile_seconds:.2f}s"]
@@ -257,6 +261,9 @@ def build_parser():
     c.add_argument("--budget", default=None,
                    help="writable memory the step may use, e.g. 256KB, 1.5MB, 4096 (KB/MB/GB are 1024-based; "
                         "KiB/MiB/GiB accepted); frozen weights are read-only and not counted")
+    c.add_argument("--remat", choices=["auto", "off"], default="auto",
+                   help="recompute activations in the backward pass when the update plan does not fit --budget "
+                        "(auto, the default) or never (off)")
     c.add_argument("-v", "--verbose", action="store_true", help="progress bars and compile details")
     c.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="default: the file's optimizer() or sgd")
     c.add_argument("--lr", type=float, default=None, help="learning rate")

@@ -219,19 +219,12 @@ def score_layers(model, loss_fn, train_data, val_data, metric=None, *, optimizer
         raise CompileError(f"evaluating the model on val_data failed ({type(e).__name__}: {e}); val_data "
                            "batches must be what loss_fn(model, *batch) and metric(model, *batch) take") from None
     baseline = frozen
-    t0 = time.perf_counter()
-
-    def estimate(runs_left):
-        if log is not None:
-            log(f"scoring {len(opts)} candidates ({steps} fine-tuning steps each): about "
-                f"{(time.perf_counter() - t0) * runs_left:.0f}s")
     if base_rules:
         m = copy.deepcopy(model)
-        _finetune(m, loss_fn, train, base_rules, optimizer, steps, seed)
+        _finetune(m, loss_fn, train, base_rules, optimizer, steps, seed)   # also warms pockc up
         baseline = evaluate(m, loss_fn, val, metric)
-        estimate(len(opts))
-        t0 = None
     scores = LayerScores(baseline=baseline, settings=settings, frozen=frozen)
+    t0 = time.perf_counter()
     bar = tqdm(opts, desc="pockc: scoring candidates", unit="candidate", leave=False,
                disable=None if progress is None else not progress)
     for layer, option, rules in bar:
@@ -242,8 +235,9 @@ def score_layers(model, loss_fn, train_data, val_data, metric=None, *, optimizer
         _finetune(m, loss_fn, train, {**base_rules, **{n: r for n, r in rules.items() if reaches.get(n)}},
                   optimizer, steps, seed)
         scores[(layer, option)] = evaluate(m, loss_fn, val, metric) - baseline
-        if t0 is not None:  # no base run to time: estimate from the first candidate
-            estimate(len(opts) - 1)
+        if t0 is not None and log is not None:   # the estimate, from the first candidate
+            log(f"scoring {len(opts)} candidates ({steps} fine-tuning steps each): about "
+                f"{(time.perf_counter() - t0) * len(opts):.0f}s in all")
             t0 = None
     scores.cached, scores.path = False, path
     if path:

@@ -1,0 +1,558 @@
+"""rematerialize: recompute forward values in the backward pass instead of keeping them.
+
+A *saved activation* is a storage the forward pass allocates and the backward pass still reads
+(plan_memory's kind), so it is alive across the forward/backward boundary, where the peak of a
+full fine-tuning step usually is. For each such storage S the pass decides *keep* (as traced) or
+*recompute*: the forward nodes that produce S's aliases are cloned, from values that are still
+available (persistent inputs nobody has written since, and saved activations that are kept),
+right before the first backward node reading S; every backward reader is rewired to the clones.
+The original S then dies after its last forward reader, and the clone lives only from its first to
+its last backward use.
+
+What may be cloned (``_clone_spec``): forward aten ops that are deterministic and write nothing, plus
+
+* in-place ops on a fresh storage (``relu_``, ``add_`` from inplace_ops): cloned out of place;
+* train-mode ``native_batch_norm``: cloned with ``running_mean``/``running_var`` = None, which
+  normalizes with the same batch statistics and does not update the running statistics a second
+  time.
+
+Never cloned: random ops (dropout's ``bernoulli_``, attention with ``dropout_p > 0``; replaying the
+RNG state is left for later: a dropout mask is kept as the saved value it is and the ops after it
+may be recomputed from it), ``empty*`` (uninitialized), other mutating ops, backward or update
+nodes. A value is used directly by a clone only if no node wrote its storage between the value's
+node and the clone (a parameter already updated, a storage mutated in place later) -- otherwise
+it is cloned too, or the candidate is infeasible.
+
+Decision (``solver``): a linear model of memory over the schedule -- recomputing S saves its bytes
+between its last forward reader and its first backward reader, and costs keeping directly-used
+inputs alive until the clone -- and the cost model of pockc/remat_cost.py (estimated seconds of
+the cloned ops). ``greedy`` covers the current maximum excess over the target with the candidate
+of most bytes per second (re-costed given what is already recomputed, since chains grow), then
+drops choices that later ones made redundant; ``milp`` (scipy.optimize.milp / HiGHS, one binary
+per candidate, one constraint per distinct set of candidates alive over the budget) minimizes
+the cost exactly for the linear model (static costs, a time limit; scipy has no warm start, so the greedy plan is the
+fallback and the comparison); ``auto`` runs both (the MILP up to ``MILP_MAX_CANDIDATES``
+candidates, when scipy is installed) and keeps the cheaper *verified* plan. Every plan is checked
+with the planner's exact liveness after rewriting; if the linear model was optimistic the target
+is lowered by the overshoot and the solve repeated. When nothing fits, the graph is rewritten with
+the plan of the smallest peak reached (``RematReport.fits`` False; pockc.compile then raises
+BudgetError naming that peak).
+
+The boundary between forward and backward is per storage: schedule_memory may move backward
+nodes (weight transposes) before forward ones, so a storage is *saved* when a backward or update
+node reads it, and its gap runs from its last forward reader to its first backward reader.
+Paging saved activations out (CPU mmap, CUDA pinned host memory) is the other way to trade time
+for memory; it is not done here.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import operator
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .fx_utils import HIDDEN_MUTATION, PassResult, dce, is_aten, is_view, mutated_args
+from .plan_memory import flat, plan_memory, storages_of
+
+aten = torch.ops.aten
+
+
+MILP_MAX_CANDIDATES = 400     # solver="auto" runs the MILP next to greedy up to this many candidates
+
+
+class _Infeasible(Exception):
+    pass
+
+
+@dataclass
+class RematReport:
+    """What rematerialize did: ``step.remat``."""
+    solver: str                      # "greedy" / "milp" / "forced"
+    solve_seconds: float
+    budget: int | None
+    peak_before: int
+    peak_after: int
+    required_after: int              # max(peak, arena) of the rewritten graph
+    candidates: int                  # saved storages considered
+    feasible: int                    # of which recomputable
+    recomputed: list = field(default_factory=list)   # storage names recomputed
+    nodes_added: int = 0
+    added_seconds: float = 0.0       # estimated extra work per step (pockc/remat_cost.py)
+    added_flops: float = 0.0
+    fits: bool = True
+    tries: dict = field(default_factory=dict)       # solver -> {"cost": s, "peak": B, "fits": bool, ...}
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.peak_before - self.peak_after
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["bytes_saved"] = self.bytes_saved
+        return d
+
+    def table(self) -> str:
+        from tabulate import tabulate
+        rows = [["solver", self.solver], ["planner time", f"{self.solve_seconds:.3f} s"],
+                ["peak without recomputation", f"{self.peak_before:,} B"],
+                ["peak with recomputation", f"{self.peak_after:,} B"],
+                ["bytes saved", f"{self.bytes_saved:,} B"],
+                ["tensors recomputed", f"{len(self.recomputed)} of {self.feasible} recomputable "
+                                       f"({self.candidates} saved)"],
+                ["ops added", f"{self.nodes_added}"],
+                ["added work (estimate)", f"{self.added_seconds * 1e3:.3f} ms, {self.added_flops / 1e6:.2f} MFLOP"]]
+        if self.budget is not None:
+            rows.insert(2, ["budget", f"{self.budget:,} B"])
+        for name, t in self.tries.items():
+            rows.append([f"  {name}", ", ".join(f"{k} {v}" for k, v in t.items())])
+        return tabulate(rows, headers=["rematerialization", ""], tablefmt="simple")
+
+
+@dataclass
+class _Cand:
+    sid: int
+    name: str
+    nbytes: int
+    p: int              # position of the first backward reader: the clones go right before it
+    lo: int             # bytes saved on positions lo..hi
+    hi: int
+    targets: list       # alias nodes of the storage read at or after p
+    cost: float = 0.0   # cost of its clones when every other candidate is kept
+    pen: list = field(default_factory=list)   # (lo, hi, bytes): kept inputs alive longer
+
+
+def _out_of_place(target):
+    """``aten.relu_.default`` -> ``aten.relu.default`` when only ``self`` is written."""
+    name = target.overloadpacket.__name__
+    if not name.endswith("_") or name.endswith("__"):
+        return None
+    args = target._schema.arguments
+    writes = [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+    if writes != [0]:
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def _clone_spec(m):
+    """(target, args, kwargs) of the clone of forward node ``m``, or None if it may not be cloned."""
+    if m.op != "call_function":
+        return None
+    if m.target is operator.getitem:
+        return m.target, m.args, m.kwargs
+    if not is_aten(m):
+        return None
+    if is_view(m) and not m.target._schema.is_mutable:
+        return m.target, m.args, m.kwargs        # a view of any role (the backward's detach)
+    if m.meta.get("pockc.role") != "forward":
+        return None
+    t = m.target
+    if torch.Tag.nondeterministic_seeded in t.tags:
+        return None
+    name = t.overloadpacket.__name__
+    if name.startswith(("empty", "new_empty", "bernoulli", "rand", "normal", "uniform", "dropout")):
+        return None
+    schema = t._schema
+    for i, a in enumerate(schema.arguments):
+        if a.name == "dropout_p":
+            v = m.args[i] if i < len(m.args) else m.kwargs.get(a.name, a.default_value)
+            if v not in (0, 0.0, None):
+                return None
+    args = list(m.args)
+    if t in HIDDEN_MUTATION:
+        if t is not aten.native_batch_norm.default or len(args) < 6 or args[5] is not True:
+            return None
+        args[3] = args[4] = None          # batch statistics; do not update the running ones again
+        return t, tuple(args), m.kwargs
+    if schema.is_mutable:
+        oop = _out_of_place(t)
+        return (oop, m.args, m.kwargs) if oop is not None else None
+    return t, m.args, m.kwargs
+
+
+def _arg_nodes(args, kwargs):
+    out = []
+    fx.node.map_arg((args, kwargs), out.append)
+    return out
+
+
+class _Graph:
+    """Liveness facts about the graph as scheduled (positions, storages, writers, saved set)."""
+
+    def __init__(self, graph: fx.Graph, layout, cost):
+        self.graph, self.layout, self.cost = graph, layout, cost
+        nodes = self.nodes = list(graph.nodes)
+        pos = self.pos = {n: i for i, n in enumerate(nodes)}
+        self.first_bwd = min((pos[n] for n in nodes if n.meta.get("pockc.role") == "backward"), default=len(nodes))
+        self.storages, self.root, _ = storages_of(graph, layout)
+        self.timeline, self.persist = _liveness(nodes, self.storages, self.root)
+        self.writes = {}
+        for n in nodes:
+            for a in mutated_args(n):
+                for s in flat(self.root.get(a)):
+                    self.writes.setdefault(id(s), []).append(pos[n])
+        alloc_role = {}
+        for n in nodes:
+            for s in flat(self.root.get(n)):
+                if not s.persistent and id(s) not in alloc_role:
+                    alloc_role[id(s)] = n.meta.get("pockc.role")
+        # A storage's *real* readers: nodes reading one of its aliases that are not themselves
+        # aliases of it (views, getitem). Saved: a forward storage read by a backward or update
+        # node -- the scheduler may have moved some backward nodes (weight transposes) before
+        # forward ones, so the boundary is per storage, not one position.
+        aliases, readers = {}, {}
+        for n in nodes:
+            for s in flat(self.root.get(n)):
+                if not s.persistent:
+                    aliases.setdefault(id(s), []).append(n)
+        for n in nodes:
+            mine = {id(s) for s in flat(self.root.get(n))}
+            for a in n.all_input_nodes:
+                for s in flat(self.root.get(a)):
+                    if s.persistent or (id(s) in mine and (is_view(n) or n.target is operator.getitem)):
+                        continue
+                    readers.setdefault(id(s), {})[n] = None
+        self.saved, self.aliases, self.readers = {}, aliases, readers
+        for s in self.storages:
+            if s.persistent or alloc_role.get(id(s)) != "forward":
+                continue
+            if any(r.meta.get("pockc.role") not in ("forward", None) for r in readers.get(id(s), ())):
+                self.saved[id(s)] = s
+        out = nodes[-1]
+        self.pinned = {id(s) for a in out.all_input_nodes for s in flat(self.root.get(a))}
+        self._spec = {}
+
+    def spec(self, m):
+        if m not in self._spec:
+            self._spec[m] = _clone_spec(m)
+        return self._spec[m]
+
+    def written_between(self, s, a, b) -> bool:
+        return any(a < w < b for w in self.writes.get(id(s), ()))
+
+    def usable(self, m, p, chosen) -> bool:
+        """May a clone placed at ``p`` read the original ``m``?"""
+        sts = flat(self.root.get(m))
+        for s in sts:
+            if not s.persistent and (id(s) in chosen or id(s) not in self.saved):
+                return False
+            if self.written_between(s, self.pos[m], p):
+                return False
+        return True
+
+    def chain(self, targets, p, chosen):
+        """Forward nodes to clone (in graph order) so that ``targets`` exist at ``p``, and the
+        original nodes the clones read directly. Raises _Infeasible."""
+        clone, direct = set(), set()
+        stack = list(targets)
+        forced = set(targets)
+        while stack:
+            m = stack.pop()
+            if m in clone or m in direct:
+                continue
+            if m not in forced and self.usable(m, p, chosen):
+                direct.add(m)
+                continue
+            spec = self.spec(m)
+            if spec is None:
+                raise _Infeasible(m.name)
+            clone.add(m)
+            stack.extend(_arg_nodes(spec[1], spec[2]))
+        return sorted(clone, key=self.pos.__getitem__), direct
+
+    def candidates(self):
+        cands, infeasible = [], 0
+        for sid, s in self.saved.items():
+            if sid in self.pinned or s.nbytes == 0:
+                continue
+            rs = list(self.readers.get(sid, ()))
+            p = min(self.pos[r] for r in rs if r.meta.get("pockc.role") not in ("forward", None))
+            last_fwd = max([s.start] + [self.pos[r] for r in rs if self.pos[r] < p])
+            if last_fwd + 1 > p - 1:
+                continue                     # read by the backward right away: nothing to save
+            als = set(self.aliases[sid])
+            targets = list(dict.fromkeys(a for r in rs if self.pos[r] >= p
+                                         for a in r.all_input_nodes if a in als))
+            c = _Cand(sid, s.name, s.nbytes, p, last_fwd + 1, p - 1, targets)
+            try:
+                order, direct = self.chain(targets, p, {sid})
+            except _Infeasible:
+                infeasible += 1
+                continue
+            c.cost = sum(self.cost(m) for m in order)
+            c.pen = self._penalties(direct, p)
+            cands.append(c)
+        return cands, len(cands) + infeasible
+
+    def _penalties(self, direct, p):
+        out = []
+        for m in direct:
+            for s in flat(self.root.get(m)):
+                if not s.persistent and s.end < p - 1:
+                    out.append((s.end + 1, p - 1, s.nbytes))
+        return out
+
+    def build(self, chosen_cands):
+        """A new graph with the chosen candidates recomputed; (graph, cost, flops, clones)."""
+        from pockc.remat_cost import flops as _flops
+        chosen = {c.sid for c in chosen_cands}
+        groups = {}
+        for c in chosen_cands:
+            groups.setdefault(c.p, []).append(c)
+        g = fx.Graph()
+        env, remap = {}, {}
+        cost = fl = 0.0
+        added = 0
+        for n in self.nodes:
+            i = self.pos[n]
+            if i in groups:
+                memo = {}
+                for c in groups[i]:
+                    order, _ = self.chain(c.targets, i, chosen)
+                    for m in order:
+                        if m in memo:
+                            continue
+                        target, args, kwargs = self.spec(m)
+
+                        def sub(a):
+                            return memo[a] if a in memo else env[a]
+                        args, kwargs = torch.fx.node.map_arg((args, kwargs), sub)
+                        new = g.create_node("call_function", target, args, kwargs, name=f"{m.name}_remat")
+                        new.meta = copy.copy(m.meta)
+                        new.meta["pockc.role"] = "backward"
+                        new.meta["pockc.remat"] = m.name
+                        memo[m] = new
+                        cost += self.cost(m)
+                        fl += _flops(m)
+                        added += 1
+                    for m in c.targets:
+                        remap[m] = memo[m]
+            env[n] = g.node_copy(n, lambda a: remap[a] if a in remap else env[a])
+        dce(SimpleNamespace(graph=g))   # views of the originals left without readers
+        return g, cost, fl, added
+
+
+def _liveness(nodes, storages, root):
+    """Live writable bytes per position, as plan_memory computes them (without the arena)."""
+    idx = {n: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        i = idx[n]
+        for a in n.all_input_nodes:
+            for s in flat(root.get(a)):
+                if not s.persistent and i > s.end:
+                    s.end = i
+        if n.op == "output":
+            for a in n.all_input_nodes:
+                for s in flat(root.get(a)):
+                    if not s.persistent:
+                        s.end = len(nodes) - 1
+    persist = sum(s.nbytes for s in storages if s.persistent and s.kind not in ("frozen weight", "constant"))
+    delta = np.zeros(len(nodes) + 1, dtype=np.int64)
+    for s in storages:
+        if not s.persistent:
+            delta[s.start] += s.nbytes
+            delta[s.end + 1] -= s.nbytes
+    return np.cumsum(delta)[:len(nodes)] + persist, persist
+
+
+def _peak(graph, layout) -> int:
+    nodes = list(graph.nodes)
+    storages, root, _ = storages_of(graph, layout)
+    live, persist = _liveness(nodes, storages, root)
+    return int(live.max()) if len(live) else persist
+
+
+def _greedy(G, cands, target, rerank=8):
+    """Cover the largest excess over ``target`` with the candidate of most bytes per second;
+    returns the chosen candidates (the most it can cover when the target is unreachable) and
+    whether the model says the target is met."""
+    excess = G.timeline.astype(np.float64) - target
+    chosen, ids = [], set()
+
+    def shift(c, sign):
+        excess[c.lo:c.hi + 1] -= sign * c.nbytes
+        for lo, hi, b in c.pen:
+            excess[lo:hi + 1] += sign * b
+    while True:
+        t = int(np.argmax(excess))
+        if excess[t] <= 0:
+            # drop what later choices made redundant, most expensive first
+            for c in sorted(chosen, key=lambda c: -c.cost):
+                shift(c, -1)
+                if excess.max() <= 0:
+                    chosen.remove(c)
+                    ids.discard(c.sid)
+                else:
+                    shift(c, 1)
+            return chosen, True
+        cover = [c for c in cands if c.sid not in ids and c.lo <= t <= c.hi]
+        if not cover:
+            return chosen, False
+        cover.sort(key=lambda c: -c.nbytes / (c.cost + 1e-9))
+        best, best_r = None, -1.0
+        for c in cover[:rerank]:     # cost given what is already recomputed (chains get longer)
+            try:
+                order, _ = G.chain(c.targets, c.p, ids | {c.sid})
+            except _Infeasible:
+                continue
+            r = c.nbytes / (sum(G.cost(m) for m in order) + 1e-9)
+            if r > best_r:
+                best, best_r = c, r
+        if best is None:
+            return chosen, False
+        chosen.append(best)
+        ids.add(best.sid)
+        shift(best, 1)
+
+
+def _modeled_peak(G, chosen) -> float:
+    live = G.timeline.astype(np.float64)
+    for c in chosen:
+        live[c.lo:c.hi + 1] -= c.nbytes
+        for lo, hi, b in c.pen:
+            live[lo:hi + 1] += b
+    return float(live.max())
+
+
+def _milp(G, cands, target, time_limit):
+    """Minimum-cost cover under the linear memory model (scipy.optimize.milp / HiGHS)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    excess = G.timeline.astype(np.float64) - target
+    rows_t = np.nonzero(excess > 0)[0]
+    if not len(rows_t):
+        return [], True
+    n = len(cands)
+    A = np.zeros((len(rows_t), n))
+
+    def rows(lo, hi):       # the constrained positions within lo..hi
+        return slice(int(np.searchsorted(rows_t, lo, "left")), int(np.searchsorted(rows_t, hi, "right")))
+    for j, c in enumerate(cands):
+        A[rows(c.lo, c.hi), j] += c.nbytes
+        for lo, hi, b in c.pen:
+            A[rows(lo, hi), j] -= b
+    # one constraint per distinct row, with the largest excess it must cover
+    uniq = {}
+    for k in range(len(rows_t)):
+        key = A[k].tobytes()
+        e = excess[rows_t[k]]
+        if key not in uniq or uniq[key][1] < e:
+            uniq[key] = (k, e)
+    ks = [k for k, _ in uniq.values()]
+    lb = np.array([e for _, e in uniq.values()])
+    if np.any(A[ks].clip(min=0).sum(axis=1) < lb):
+        return None, False                  # some point cannot be covered at all
+    scale = max(1e-12, max((c.cost for c in cands), default=1.0))
+    res = milp(c=np.array([c.cost / scale + 1e-6 for c in cands]),
+               constraints=LinearConstraint(A[ks] / 1024.0, lb=lb / 1024.0, ub=np.inf),
+               integrality=np.ones(n), bounds=Bounds(0, 1),
+               options={"time_limit": time_limit, "disp": False})
+    if res.x is None:
+        return None, False
+    return [c for c, x in zip(cands, res.x) if x > 0.5], True
+
+
+def _fits(G, cands, chosen, budget, layout):
+    """Rewrite and plan; the arena (slow to place) only once the liveness peak fits."""
+    g, cost, fl, added = G.build(chosen)
+    peak = _peak(g, layout)
+    if budget is not None and peak > budget:
+        mp = SimpleNamespace(peak_bytes=peak, required_bytes=peak)
+    else:
+        mp = plan_memory(SimpleNamespace(graph=g), layout)
+    return g, mp, cost, fl, added
+
+
+def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = None, cost=None,
+                  solver: str = "auto", time_limit: float = 1.0, recompute=None) -> PassResult:
+    """Recompute saved activations so the step's planned memory (``max(peak, arena)``) fits
+    ``budget_bytes`` at the least estimated added work. ``recompute``: storage names to recompute
+    instead of solving (replays an earlier decision on a graph traced for another batch shape).
+    Records ``gm.meta['pockc.remat']`` (a RematReport; ``fits`` False when no plan found fits: the
+    graph is then rewritten with the plan of the smallest peak reached)."""
+    from pockc.remat_cost import default_cost_model
+    if solver not in ("auto", "greedy", "milp"):
+        raise ValueError(f"rematerialize: solver must be auto, greedy or milp, not {solver!r}")
+    t0 = time.perf_counter()
+    cost = cost or default_cost_model()
+    G = _Graph(gm.graph, layout, cost)
+    peak0 = int(G.timeline.max()) if len(G.timeline) else G.persist
+    before = SimpleNamespace(peak_bytes=peak0, required_bytes=peak0)
+    if budget_bytes is None or peak0 <= budget_bytes:
+        before = plan_memory(gm, layout)                # the arena may still be over
+    cands, n_saved = G.candidates()
+
+    def finish(name, chosen, g, mp, c, fl, added, fits, tries):
+        rep = RematReport(name, time.perf_counter() - t0, budget_bytes, before.peak_bytes, mp.peak_bytes,
+                          mp.required_bytes, n_saved, len(cands), [x.name for x in chosen], added, c, fl, fits,
+                          tries)
+        if chosen:
+            g.lint()
+            gm.graph = g             # (the setter recompiles)
+            if hasattr(mp, "storages"):
+                gm.meta["pockc.remat_plan"] = mp    # plan_memory of this very graph, for the caller
+        gm.meta["pockc.remat"] = rep
+        return PassResult(gm, bool(chosen))
+
+    if recompute is not None:
+        names = set(recompute)
+        chosen = [c for c in cands if c.name in names]
+        g, mp, c, fl, added = _fits(G, cands, chosen, budget_bytes, layout)
+        return finish("forced", chosen, g, mp, c, fl, added,
+                      budget_bytes is None or mp.required_bytes <= budget_bytes, {})
+    if budget_bytes is None or before.required_bytes <= budget_bytes:
+        return finish("none", [], gm.graph, before, 0.0, 0.0, 0, True, {})
+
+    solvers = ["greedy"]
+    if solver in ("auto", "milp"):
+        if importlib.util.find_spec("scipy") is not None and (solver == "milp" or len(cands) <= MILP_MAX_CANDIDATES):
+            solvers = ["greedy", "milp"] if solver == "auto" else ["milp"]
+        elif solver == "milp":
+            raise ImportError("rematerialize: solver='milp' needs scipy (pip install pockc[remat])")
+    results, tries = [], {}
+    smallest = None                                   # (required, chosen, built) of the lowest peak
+    for name in solvers:
+        ts = time.perf_counter()
+        if name == "milp":       # scipy's import (about a second, once per process) is timed apart
+            importlib.import_module("scipy.optimize")
+            tries["scipy import"] = {"seconds": round(time.perf_counter() - ts, 3)}
+            ts = time.perf_counter()
+        target = float(budget_bytes)
+        found = None
+        for _ in range(8):
+            if name == "greedy":
+                chosen, ok = _greedy(G, cands, target)
+            else:
+                chosen, ok = _milp(G, cands, target, time_limit)
+                if chosen is None:
+                    chosen, ok = _greedy(G, cands, target)     # best effort for the error message
+            built = _fits(G, cands, chosen, budget_bytes, layout)
+            req = built[1].required_bytes
+            if smallest is None or req < smallest[0]:
+                smallest = (req, chosen, built)
+            if req <= budget_bytes:
+                found = (chosen, built)
+                break
+            if not ok:
+                break
+            # the model was optimistic by (req - budget): aim that much below what it predicted
+            target = min(target, _modeled_peak(G, chosen)) - (req - budget_bytes) - 1024
+        secs = time.perf_counter() - ts
+        if found is not None:
+            chosen, (g, mp, c, fl, added) = found
+            tries[name] = {"cost_ms": round(c * 1e3, 4), "recomputed": len(chosen),
+                           "peak": mp.required_bytes, "seconds": round(secs, 3)}
+            results.append((c, name, chosen, found[1]))
+        else:
+            tries[name] = {"fits": False, "seconds": round(secs, 3)}
+    if results:
+        c, name, chosen, (g, mp, c, fl, added) = min(results, key=lambda r: (r[0], r[1]))
+        return finish(name, chosen, g, mp, c, fl, added, True, tries)
+    req, chosen, (g, mp, c, fl, added) = smallest
+    return finish("greedy", chosen, g, mp, c, fl, added, False, tries)
