@@ -104,16 +104,14 @@ def _task_data(args, module, batch):
     if not all(has):
         raise UsageError(f"{args.model} defines {'train_data' if has[0] else 'val_data'}() but not "
                          f"{'val_data' if has[0] else 'train_data'}(); define both")
+    from pockc.errors import CompileError
+    from pockc.scoring import as_batches
     out = []
     for name in ("train_data", "val_data"):
-        data = _user_call(module, name)
         try:
-            data = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
-        except TypeError:
-            raise UsageError(f"{name}() must return an iterable of batches (tuples of tensors)") from None
-        if not data:
-            raise UsageError(f"{name}() returned no batches")
-        out.append(data)
+            out.append(as_batches(_user_call(module, name), f"{name}()"))
+        except CompileError as e:
+            raise UsageError(str(e)) from None
     sig = lambda b: [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in b]  # noqa: E731
     for i, b in enumerate(out[0]):
         if sig(b) != sig(batch):

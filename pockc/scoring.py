@@ -81,7 +81,8 @@ def _policy_str(policy):
     return policy if isinstance(policy, str) else json.dumps(policy)
 
 
-def _batches(data, name):
+def as_batches(data, name):
+    """``data`` as a list of batch tuples; a clear CompileError if it is not an iterable of them or empty."""
     try:
         out = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
     except TypeError:
@@ -113,7 +114,7 @@ def _digest(model, batches_list, settings) -> str:
 def evaluate(model, loss_fn, val, metric=None) -> float:
     """``metric(model, *batch)`` averaged over the batches of ``val`` (the negative mean loss
     without a metric), under ``torch.no_grad()``."""
-    val = _batches(val, "val_data")
+    val = as_batches(val, "val_data")
     with torch.no_grad():
         if metric is None:
             return -sum(float(loss_fn(model, *b)) for b in val) / len(val)
@@ -127,7 +128,7 @@ def fit(step, train_data, epochs=1, seed=0, *, cosine=True, progress=None) -> li
     import math
 
     from tqdm.auto import tqdm
-    train = _batches(train_data, "train_data")
+    train = as_batches(train_data, "train_data")
     g = torch.Generator().manual_seed(seed)
     total, lr0, losses = epochs * len(train), step.optimizer.lr, []
     try:
@@ -191,7 +192,7 @@ def score_layers(model, loss_fn, train_data, val_data, metric=None, *, optimizer
     from pockc.plan import resolve_update
     from pockc.trace import analyze_forward
 
-    train, val = _batches(train_data, "train_data"), _batches(val_data, "val_data")
+    train, val = as_batches(train_data, "train_data"), as_batches(val_data, "val_data")
     _check_shapes(train, "train_data")
     if steps < 1:
         raise CompileError(f"steps must be at least 1, got {steps}")

@@ -125,11 +125,11 @@ def test_no_task_data_uses_the_prior_and_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("data,text", [
-    ("def train_data():\n    return []\ndef val_data():\n    return [_data(2, 8)]\n", "train_data() returned no batches"),
+    ("def train_data():\n    return []\ndef val_data():\n    return [_data(2, 8)]\n", "train_data() is empty"),
     ("def train_data():\n    return [_data(1, 16), _data(1, 5)]\ndef val_data():\n    return [_data(2, 8)]\n",
      "train_data() batch 1 has shapes"),
     ("def train_data():\n    return [_data(1, 16)]\n", "defines train_data() but not val_data()"),
-    ("def train_data():\n    return 7\ndef val_data():\n    return [_data(2, 8)]\n", "must return an iterable"),
+    ("def train_data():\n    return 7\ndef val_data():\n    return [_data(2, 8)]\n", "train_data() must be an iterable"),
     ("def train_data():\n    raise OSError('no disk')\ndef val_data():\n    return []\n",
      "train_data() in the model file raised OSError: no disk"),
 ])
