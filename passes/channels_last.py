@@ -43,8 +43,7 @@ def _feeds_conv(node, limit=64) -> bool:
 
 def channels_last(gm: fx.GraphModule, layout) -> PassResult:
     graph = gm.graph
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-    batch = phs[len(phs) - layout.batch:] if layout.batch else []
+    batch = layout.placeholders(graph)["batch"]
     changed = False
     for ph in batch:
         v = ph.meta.get("val")
@@ -54,7 +53,7 @@ def channels_last(gm: fx.GraphModule, layout) -> PassResult:
         if not _feeds_conv(ph):
             continue
         users = list(ph.users)
-        with graph.inserting_before(phs[-1].next):
+        with graph.inserting_before(batch[-1].next):   # after the last placeholder
             cl = call(graph, aten.clone.default, (ph,), {"memory_format": torch.channels_last})
         cl.meta["pockc.role"] = "forward"
         for u in users:

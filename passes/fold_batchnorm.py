@@ -127,10 +127,9 @@ def _fold_one(graph, bn, trained, frozen_ok) -> bool:
 
 def fold_batchnorm(gm: fx.GraphModule, layout) -> PassResult:
     graph = gm.graph
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-    n_p, n_f, n_b = len(layout.params), len(layout.frozen), len(layout.buffers)
-    trained = set(phs[:n_p])
-    frozen_ok = set(phs[n_p:n_p + n_f + n_b])  # frozen parameters and buffers
+    groups = layout.placeholders(graph)
+    trained = set(groups["params"])
+    frozen_ok = set(groups["frozen"] + groups["buffers"])  # frozen parameters and buffers
     changed = False
     for node in list(graph.nodes):
         if node.graph is graph and _eval_bn_args(node) is not None:

@@ -66,10 +66,10 @@ def _trace_update(optimizer, shape, pdtype, gdtype, state_names, scalar_names):
 
 def insert_optimizer(gm: fx.GraphModule, layout, optimizer) -> PassResult:
     graph = gm.graph
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-    n_p, n_f, n_b = len(layout.params), len(layout.frozen), len(layout.buffers)
-    param_ph = dict(zip(layout.params, phs[:n_p]))
-    last_buffer = phs[n_p + n_f + n_b - 1] if n_p + n_f + n_b else None
+    groups = layout.placeholders(graph)
+    param_ph = dict(zip(layout.params, groups["params"]))
+    weights = groups["params"] + groups["frozen"] + groups["buffers"]
+    last_buffer = weights[-1] if weights else None
     out = next(n for n in graph.nodes if n.op == "output")
     loss, *grads = out.args[0]
     state_names = tuple(optimizer.state_names)
@@ -79,7 +79,7 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer) -> PassResult:
     anchor = last_buffer
     def add_placeholder(name, val):  # noqa: E306
         nonlocal anchor
-        ctx = graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(phs[0])
+        ctx = graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(next(iter(graph.nodes)))
         with ctx:
             node = graph.placeholder(name)
         node.meta["pockc.role"] = "input"

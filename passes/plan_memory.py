@@ -137,31 +137,25 @@ def _returns_input(node):
 
 def _placeholder_kinds(graph, layout):
     """placeholder node -> (kind, writable fraction)."""
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-    written = set()
-    for n in graph.nodes:
-        for a in mutated_args(n):
-            written.add(a)
-    out, i = {}, 0
-    sel = dict(layout.grads) if layout is not None else {}
-    groups = ([("trainable weight", len(layout.params)), ("frozen weight", len(layout.frozen)),
-               ("buffer", len(layout.buffers)), ("optimizer state", len(layout.state)),
-               ("input", len(layout.scalars))] if layout is not None else [])
-    names = list(layout.params) if layout is not None else []
-    for kind, count in groups:
-        for k in range(count):
-            ph = phs[i]
-            frac = 1.0
-            if kind == "trainable weight":
-                s = sel.get(names[k])
-                rows = ph.meta["val"].shape[0] if ph.meta["val"].dim() else 1
-                if s is not None:
-                    frac = ((s[2] - s[1]) if s[0] == "slice" else len(s[1])) / max(rows, 1)
-            if kind == "buffer" and ph not in written:
-                kind = "frozen weight"  # a buffer the step only reads (eval-mode statistics)
-            out[ph] = (kind, frac)
-            i += 1
-    for ph in phs[i:]:
+    if layout is None:
+        return {n: ("input", 1.0) for n in graph.nodes if n.op == "placeholder"}
+    written = {a for n in graph.nodes for a in mutated_args(n)}
+    groups = layout.placeholders(graph)
+    sel = dict(layout.grads)
+    out = {}
+    for name, ph in zip(layout.params, groups["params"]):
+        s, frac = sel.get(name), 1.0
+        if s is not None:
+            rows = ph.meta["val"].shape[0] if ph.meta["val"].dim() else 1
+            frac = ((s[2] - s[1]) if s[0] == "slice" else len(s[1])) / max(rows, 1)
+        out[ph] = ("trainable weight", frac)
+    for ph in groups["frozen"]:
+        out[ph] = ("frozen weight", 1.0)
+    for ph in groups["buffers"]:   # a buffer the step only reads (eval-mode statistics) is read-only
+        out[ph] = ("buffer" if ph in written else "frozen weight", 1.0)
+    for ph in groups["state"]:
+        out[ph] = ("optimizer state", 1.0)
+    for ph in groups["scalars"] + groups["batch"]:
         out[ph] = ("input", 1.0)
     return out
 

@@ -52,6 +52,18 @@ class Layout:
     def to_dict(self):
         return {k: getattr(self, k) for k in ("params", "frozen", "buffers", "state", "scalars", "batch")}
 
+    def placeholders(self, graph) -> dict:
+        """``graph``'s placeholder nodes by group, in input order: ``params``, ``frozen``,
+        ``buffers``, ``state``, ``scalars`` (as many as this layout lists when called) and
+        ``batch`` (the rest)."""
+        phs = [n for n in graph.nodes if n.op == "placeholder"]
+        out, i = {}, 0
+        for key in ("params", "frozen", "buffers", "state", "scalars"):
+            count = len(getattr(self, key))
+            out[key], i = phs[i:i + count], i + count
+        out["batch"] = phs[i:]
+        return out
+
 
 @contextmanager
 def _module_tracker(model):
