@@ -56,7 +56,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,7 +109,7 @@ def update_label(update) -> str:
 # --------------------------------------------------------------------------- eager baselines
 # One eager baseline for the tests' oracle and every benchmark; it lives in the installed package
 # so that `pockc bench` can use it.
-from pockc.bench import EagerStep, resolved_foreach, torch_optimizer  # noqa: E402,F401
+from pockc.bench import EagerStep, git_commit, resolved_foreach, torch_optimizer, write_results  # noqa: E402,F401
 
 
 class PockcStep:
@@ -233,16 +232,6 @@ def machine_info():
     return info
 
 
-def git_commit():
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def claims(models, quick):
     out = []
     for name, m in models.items():
@@ -341,10 +330,7 @@ def _run(quick, steps, warmup, out_dir, models, sizes, updates, progress, name, 
     res["machine"]["load_average_end"] = load_average()
     res["wall_s"] = time.perf_counter() - t0
     res["claims"] = claims(res["models"], quick)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out_dir / f"{name}.md").write_text(markdown(res))
+    write_results(out_dir, name, res, markdown(res))
     return res
 
 

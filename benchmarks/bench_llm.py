@@ -26,11 +26,9 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -39,6 +37,7 @@ import pockc
 from benchmarks.bench_core import (DEFAULT_THREADS, MiB, RESULTS, EagerStep, PockcStep, git_commit, load_average,
                                    machine_info, measure_memory, summarize)
 from pockc import zoo
+from pockc.bench import write_results
 from pockc.lora import attach_lora, match_targets
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -194,10 +193,7 @@ def run(quick=False, steps=None, warmup=None, out_dir=RESULTS, threads=DEFAULT_T
     finally:
         torch.set_num_threads(default_threads)
     name = "llm_cpu_quick" if quick else "llm_cpu"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out_dir / f"{name}.md").write_text(markdown(res))
+    write_results(out_dir, name, res, markdown(res))
     return res
 
 

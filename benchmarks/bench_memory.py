@@ -26,11 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import importlib.util
-import json
-import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -38,22 +33,16 @@ from tabulate import tabulate
 
 import pockc
 from pockc import zoo
-from pockc.bench import EagerStep
+from pockc.bench import EagerStep, run_meta, write_results
+from pockc.cli import load_model_file
 from pockc.runtime.memory import measure_peak, storage_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _mcu():
-    spec = importlib.util.spec_from_file_location("mcu_cnn", ROOT / "examples" / "mcu_cnn.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def configs(quick):
-    mcu = _mcu()
+    mcu = load_model_file(str(ROOT / "examples" / "mcu_cnn.py"))
     mb = dict(batch=2, image=32, width=0.25) if quick else dict(batch=8, image=128, width=1.0)
     ll = (dict(batch=1, seq=32, vocab=256, d=64, heads=4, layers=2) if quick
           else dict(batch=4, seq=256, vocab=8000, d=512, heads=8, layers=8))
@@ -137,14 +126,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = run(a.quick)
-    from pockc.bench import git_commit
-    meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
-                torch=torch.__version__, commit=git_commit(), python=sys.version.split()[0])
-    RESULTS.mkdir(exist_ok=True)
-    stem = "memory_cpu_quick" if a.quick else "memory_cpu"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
+    meta = run_meta()
     md = markdown(rows, meta)
-    (RESULTS / f"{stem}.md").write_text(md)
+    write_results(RESULTS, "memory_cpu_quick" if a.quick else "memory_cpu", {"meta": meta, "rows": rows}, md)
     print(md)
 
 

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -188,16 +184,10 @@ def main(argv=None):
     import os
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = run(a.quick, a.steps)
-    from pockc.bench import git_commit
-    meta = dict(date=datetime.date.today().isoformat(),
-                machine=f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores",
-                torch=torch.__version__, commit=git_commit(), python=sys.version.split()[0],
-                threads=torch.get_num_threads(), steps=a.steps, loadavg=load)
-    RESULTS.mkdir(exist_ok=True)
-    stem = "remat_cpu_quick" if a.quick else "remat_cpu"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
+    from pockc.bench import run_meta, write_results
+    meta = run_meta(threads=torch.get_num_threads(), steps=a.steps, loadavg=load)
     md = markdown(rows, meta)
-    (RESULTS / f"{stem}.md").write_text(md)
+    write_results(RESULTS, "remat_cpu_quick" if a.quick else "remat_cpu", {"meta": meta, "rows": rows}, md)
     print(md)
 
 

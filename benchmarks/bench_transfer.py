@@ -24,11 +24,8 @@ peak of writable memory and the measured peak of its first step; eager full fine
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +33,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 import pockc
+from pockc.cli import load_model_file
 from pockc.memory import format_bytes
 from pockc.scoring import evaluate, fit
 
@@ -47,17 +45,6 @@ PRIOR_BUDGET = "768KB"
 LRS = (0.01, 0.03, 0.1)
 SEEDS = (0, 1, 2)
 EPOCHS = 15
-
-
-def load_task():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        spec = importlib.util.spec_from_file_location("transfer_digits", ROOT / "examples" / "transfer_digits.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.pop(0)
-    return mod
 
 
 def run_plan(task, plan, lrs, seeds, data):
@@ -81,7 +68,7 @@ def run_plan(task, plan, lrs, seeds, data):
 
 def run(quick=False):
     from benchmarks.bench_memory import eager_peak
-    task = load_task()
+    task = load_model_file(str(ROOT / "examples" / "transfer_digits.py"))
     train, val, test = task.train_data(), task.val_data(), task.test_data()
     lrs, seeds = ((0.03,), (0,)) if quick else (LRS, SEEDS)
     batch = train[0]
@@ -200,16 +187,13 @@ def main(argv=None):
         return
     torch.set_num_threads(2)
     rows, extra = run(a.quick)
-    from pockc.bench import git_commit, machine_info
-    info = machine_info("cpu")
-    meta = dict(date=datetime.date.today().isoformat(), machine=f"{info['cpu_model']}, {info['cpu_cores']} cores",
-                torch=torch.__version__, commit=git_commit(), python=info["python"])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, **extra, "rows": rows}, indent=1, default=str) + "\n")
+    from pockc.bench import run_meta, write_results
+    meta = run_meta()
     md = markdown(rows, meta, extra)
+    RESULTS.mkdir(exist_ok=True)
     if plot(rows, RESULTS / f"{stem}.png"):
         md += f"\n![accuracy against peak memory]({stem}.png)\n"
-    (RESULTS / f"{stem}.md").write_text(md)
+    write_results(RESULTS, stem, {"meta": meta, **extra, "rows": rows}, md)
     print(md)
 
 

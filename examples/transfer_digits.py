@@ -119,19 +119,21 @@ def train_data():
     return [(xb[train[i:i + BATCH]], yb[train[i:i + BATCH]]) for i in range(0, len(train) - BATCH + 1, BATCH)]
 
 
-def _batched(idx, n=128):
-    xb, yb = task_b()[:2]
+def _batched(split, n=128):
+    """Batches of ``n`` images of task B's split ``split`` (3: validation, 4: test)."""
+    xb, yb, *_ = b = task_b()
+    idx = b[split]
     return [(xb[idx[i:i + n]], yb[idx[i:i + n]]) for i in range(0, len(idx), n)]
 
 
 def val_data():
     """298 validation images: what contribution scores and choices are measured on."""
-    return _batched(task_b()[3])
+    return _batched(3)
 
 
 def test_data():
     """448 held-out images, for the accuracy benchmarks/bench_transfer.py reports."""
-    return _batched(task_b()[4])
+    return _batched(4)
 
 
 def example_batch():

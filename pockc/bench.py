@@ -32,7 +32,6 @@ figure), ``.md`` (a table) and, when matplotlib is installed and ``--plot`` is g
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
@@ -445,6 +444,23 @@ def machine_info(device):
     return info
 
 
+def run_meta(**extra) -> dict:
+    """Date, machine, torch version, commit and Python of a benchmark run, plus ``extra``."""
+    import torch
+    info = machine_info("cpu")
+    return dict(date=datetime.date.today().isoformat(), machine=f"{info['cpu_model']}, {info['cpu_cores']} cores",
+                torch=torch.__version__, commit=git_commit(), python=info["python"], **extra)
+
+
+def write_results(out_dir, stem, payload, md: str) -> Path:
+    """Write a benchmark's ``stem.json`` (the payload) and ``stem.md`` (its table) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (out_dir / f"{stem}.md").write_text(md)
+    return out_dir
+
+
 def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -504,9 +520,7 @@ def run(quick=False, devices=None, models=None, schemes=None, variants=VARIANTS,
             pass
         res["claims"] = claims(res)
         stem = name or f"bench_{device}{'_quick' if quick else ''}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-        (out_dir / f"{stem}.md").write_text(markdown(res))
+        write_results(out_dir, stem, res, markdown(res))
         if plot:
             _plot(res, out_dir / f"{stem}.png")
         results.append(res)

@@ -71,8 +71,7 @@ class Selection:
         from tabulate import tabulate
         rows = []
         if self.required:
-            layers = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self.required})
-            rows.append([", ".join(layers), "base", "", f"{self.base:,}", "0", "always"])
+            rows.append([_layers_of(self.required), "base", "", f"{self.base:,}", "0", "always"])
         for c in self.candidates:
             rows.append([c.layer, c.option, f"{c.benefit:.3f}", ("~" if c.estimated else "") + f"{c.peak:,}",
                          ("~" if c.estimated else "") + f"{c.cost:,}",
@@ -122,6 +121,11 @@ def layer_options(model, exec_order, max_layers=12, exclude=()):
         opts.append(("full", full))
         out += [(m, o, r) for o, r in opts]
     return out
+
+
+def _layers_of(param_names) -> str:
+    """The modules owning ``param_names``, e.g. "classifier, head"."""
+    return ", ".join(sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in param_names}))
 
 
 def _plan_of(model, rules) -> UpdatePlan:
@@ -218,8 +222,7 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
         else:
             c.benefit = depth[c.layer] ** 2 * OPTION_PRIOR.get(c.option, 0.5)
     if required:   # the base plan is the floor every candidate's cost is measured from
-        floor = Candidate("+".join(sorted({n.rsplit(".", 1)[0] for n in required})), "base (always)",
-                          dict(required))
+        floor = Candidate(_layers_of(required), "base (always)", dict(required))
         floor.peak = plan_peak(_plan_of(model, required), final=False)
         if floor.peak > budget:
             raise BudgetError(_no_fit_message(budget, floor, batch_size))

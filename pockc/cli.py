@@ -39,7 +39,9 @@ class UsageError(Exception):
     pass
 
 
-def _load_model_file(path):
+def load_model_file(path):
+    """Import a model file (its folder on sys.path while it runs) and check it defines model(),
+    example_batch() and loss_fn(); UsageError otherwise."""
     if not os.path.isfile(path):
         raise UsageError(f"model file {path!r} not found")
     spec = importlib.util.spec_from_file_location("pockc_user_model", path)
@@ -97,7 +99,6 @@ def _user_call(module, name, *args):
 
 def _task_data(args, module, batch):
     """(train, val) batches from the model file, or (None, None) when it defines neither."""
-    import torch
     has = [callable(getattr(module, f, None)) for f in ("train_data", "val_data")]
     if not any(has):
         return None, None
@@ -105,19 +106,12 @@ def _task_data(args, module, batch):
         raise UsageError(f"{args.model} defines {'train_data' if has[0] else 'val_data'}() but not "
                          f"{'val_data' if has[0] else 'train_data'}(); define both")
     from pockc.errors import CompileError
-    from pockc.scoring import as_batches
-    out = []
-    for name in ("train_data", "val_data"):
-        try:
-            out.append(as_batches(_user_call(module, name), f"{name}()"))
-        except CompileError as e:
-            raise UsageError(str(e)) from None
-    sig = lambda b: [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in b]  # noqa: E731
-    for i, b in enumerate(out[0]):
-        if sig(b) != sig(batch):
-            raise UsageError(f"train_data() batch {i} has shapes {sig(b)} but example_batch() has {sig(batch)}; "
-                             "the step and its memory plan are specialized to example_batch()'s shapes "
-                             "(drop or pad a partial last batch)")
+    from pockc.scoring import as_batches, check_shapes
+    try:
+        out = [as_batches(_user_call(module, name), f"{name}()") for name in ("train_data", "val_data")]
+        check_shapes(out[0], "train_data()", like=batch, like_name="example_batch()")
+    except CompileError as e:
+        raise UsageError(str(e)) from None
     return out
 
 
@@ -153,7 +147,7 @@ def _scores(args, module, model, batch, optimizer, train, val, budget):
 
 
 def cmd_compile(args):
-    module = _load_model_file(args.model)
+    module = load_model_file(args.model)
     import torch
 
     import pockc
@@ -196,7 +190,7 @@ def cmd_compile(args):
     plan = step.update_plan.to_dict()
     plan["budget_bytes"] = budget
     plan["memory"] = step.memory.to_dict()
-    if getattr(step, "remat", None) is not None:
+    if step.remat is not None:
         plan["remat"] = step.remat.to_dict()
     if step.selection is not None:
         plan["selection"] = step.selection.to_dict()
@@ -210,7 +204,7 @@ def cmd_compile(args):
         lines += [f"chose the plan of most expected benefit ({sel.source}) that fits, from "
                   f"{len(sel.candidates)} single-layer options of the last {len(dict.fromkeys(c.layer for c in sel.candidates))} "
                   f"layers, {len(sel.tries)} plan(s) verified, in {sel.seconds:.1f}s:", sel.table(), ""]
-    if getattr(step, "remat", None) is not None:
+    if step.remat is not None:
         lines += [step.remat.table(), ""]
     lines += [step.update_plan.table(), "", step.memory.table(budget), "", step.memory.summary(budget), "",
               f"graph: {stats.get('forward', 0)} forward, {stats.get('backward', 0)} backward, "

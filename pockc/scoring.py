@@ -157,15 +157,17 @@ def _reaches_loss(model, loss_fn, batch) -> dict:
     return {n: g is not None for n, g in zip(trainable, grads)}
 
 
-def _check_shapes(batches, name):
-    """The step is specialized to one batch's shapes: every training batch must have them."""
+def check_shapes(batches, name, like=None, like_name="batch 0"):
+    """The step and its memory plan are specialized to one batch's shapes: every training batch
+    must have those of ``like`` (default: the first batch); a CompileError names the first that differs."""
     def sig(b):
         return [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in b]
-    first = sig(batches[0])
-    for i, b in enumerate(batches[1:], 1):
-        if sig(b) != first:
-            raise CompileError(f"{name}: batch {i} has shapes {sig(b)} but batch 0 has {first}; every training "
-                               "batch must have the same shapes (drop or pad the last partial batch)")
+    ref = sig(batches[0] if like is None else like)
+    for i, b in enumerate(batches):
+        if sig(b) != ref:
+            raise CompileError(f"{name} batch {i} has shapes {sig(b)} but {like_name} has {ref}; every training "
+                               "batch must have the same shapes: the step and its memory plan are specialized "
+                               "to them (drop or pad the last partial batch)")
 
 
 def _finetune(model, loss_fn, train, rules, optimizer, steps, seed):
@@ -193,7 +195,7 @@ def score_layers(model, loss_fn, train_data, val_data, metric=None, *, optimizer
     from pockc.trace import analyze_forward
 
     train, val = as_batches(train_data, "train_data"), as_batches(val_data, "val_data")
-    _check_shapes(train, "train_data")
+    check_shapes(train, "train_data")
     if steps < 1:
         raise CompileError(f"steps must be at least 1, got {steps}")
     optimizer = optimizer if optimizer is not None else pockc.SGD(lr=0.01, momentum=0.9)
