@@ -70,10 +70,24 @@ def is_view(node: fx.Node) -> bool:
 def is_impure(node: fx.Node) -> bool:
     if node.op in ("placeholder", "output"):
         return True
+    if node.op == "call_function" and node.target in _paging().PAGE_FUNCTIONS:
+        return True
     if not is_aten(node):
         return False
     return (bool(mutated_args(node)) or node.target._schema.is_mutable
             or torch.Tag.nondeterministic_seeded in node.target.tags)
+
+
+def _paging():
+    from pockc.runtime import paging
+    return paging
+
+
+def alias_source(node: fx.Node):
+    """The argument a non-aten runtime call returns as is (``page_in_wait``), else None."""
+    if node.op == "call_function" and node.target is _paging().page_in_wait:
+        return node.args[0]
+    return None
 
 
 def dce(gm: fx.GraphModule) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .fx_utils import OUTPUT_MASK_ARG, is_aten, is_view, mutated_args
+from .fx_utils import OUTPUT_MASK_ARG, alias_source, is_aten, is_view, mutated_args
 
 ALIGN = 64
 WRITABLE_KINDS = ("trainable weight", "optimizer state", "buffer", "input",
@@ -198,6 +198,7 @@ def storages_of(graph: fx.Graph, layout=None):
             root[n] = parent[n.args[1]] if isinstance(parent, list) else parent
         elif n.op == "call_function":
             src = n.args[0] if is_view(n) and n.args and isinstance(n.args[0], fx.Node) else _returns_input(n)
+            src = alias_source(n) if src is None else src
             if src is not None:
                 r = root.get(src)
                 root[n] = [r] * len(val) if isinstance(val, (tuple, list)) else r  # split: all views

@@ -51,6 +51,8 @@ import importlib
 import importlib.util
 import operator
 import time
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -58,7 +60,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .fx_utils import HIDDEN_MUTATION, PassResult, dce, is_aten, is_view, mutated_args
+from pockc.runtime import paging
+
+from .fx_utils import HIDDEN_MUTATION, PassResult, call, dce, is_aten, is_view, mutated_args
 from .plan_memory import flat, plan_memory, storages_of
 
 aten = torch.ops.aten
@@ -74,7 +78,7 @@ class _Infeasible(Exception):
 @dataclass
 class RematReport:
     """What rematerialize did: ``step.remat``."""
-    solver: str                      # "greedy" / "milp" / "forced"
+    solver: str                      # "greedy" / "milp" / "forced" / "none"
     solve_seconds: float
     budget: int | None
     peak_before: int
@@ -88,6 +92,11 @@ class RematReport:
     added_flops: float = 0.0
     fits: bool = True
     tries: dict = field(default_factory=dict)       # solver -> {"cost": s, "peak": B, "fits": bool, ...}
+    paged: list = field(default_factory=list)        # storage names paged out and back
+    pageable: int = 0                                # saved storages that could be paged
+    objective: str = "time"                          # what the solver minimized
+    added_cost: float = 0.0                          # in the objective's unit (s or J)
+    cost_model: str = "default"                      # the cost model / device profile's name
 
     @property
     def bytes_saved(self) -> int:
@@ -106,8 +115,13 @@ class RematReport:
                 ["bytes saved", f"{self.bytes_saved:,} B"],
                 ["tensors recomputed", f"{len(self.recomputed)} of {self.feasible} recomputable "
                                        f"({self.candidates} saved)"],
+                ["tensors paged", f"{len(self.paged)} of {self.pageable} pageable"],
                 ["ops added", f"{self.nodes_added}"],
-                ["added work (estimate)", f"{self.added_seconds * 1e3:.3f} ms, {self.added_flops / 1e6:.2f} MFLOP"]]
+                ["added time (estimate)", f"{self.added_seconds * 1e3:.3f} ms, {self.added_flops / 1e6:.2f} MFLOP"
+                                          f" recomputed"],
+                ["cost model", f"{self.cost_model}, minimizing {self.objective}"]]
+        if self.objective == "energy":
+            rows.append(["added energy (estimate)", f"{self.added_cost * 1e3:.4f} mJ"])
         if self.budget is not None:
             rows.insert(2, ["budget", f"{self.budget:,} B"])
         for name, t in self.tries.items():
@@ -126,6 +140,12 @@ class _Cand:
     targets: list       # alias nodes of the storage read at or after p
     cost: float = 0.0   # cost of its clones when every other candidate is kept
     pen: list = field(default_factory=list)   # (lo, hi, bytes): kept inputs alive longer
+    mode: str = "recompute"                   # or "page"
+    src: fx.Node | None = None  # page: the alias node whose storage is copied out
+    o: int = -1         # page: the copy out starts right before node o (after the last forward reader)
+    w: int = -1         # page: the copy out is waited for right before node w (alive until w - 1)
+    q: int = -1         # page: the copy in starts right before node q
+    seconds: float = 0.0  # estimated added time (the cost is in the objective's unit)
 
 
 def _out_of_place(target):
@@ -189,6 +209,7 @@ class _Graph:
     def __init__(self, graph: fx.Graph, layout, cost):
         self.graph, self.layout, self.cost = graph, layout, cost
         nodes = self.nodes = list(graph.nodes)
+        self.sec = [cost.seconds(n) for n in nodes]     # estimated seconds per node (paging windows)
         pos = self.pos = {n: i for i, n in enumerate(nodes)}
         self.first_bwd = min((pos[n] for n in nodes if n.meta.get("pockc.role") == "backward"), default=len(nodes))
         self.storages, self.root, _ = storages_of(graph, layout)
@@ -237,19 +258,23 @@ class _Graph:
     def written_between(self, s, a, b) -> bool:
         return any(a < w < b for w in self.writes.get(id(s), ()))
 
-    def usable(self, m, p, chosen) -> bool:
-        """May a clone placed at ``p`` read the original ``m``?"""
+    def usable(self, m, p, chosen, paged=()) -> bool:
+        """May a clone placed at ``p`` read the original ``m`` (or, for a paged storage, its
+        copy paged back in)?"""
         sts = flat(self.root.get(m))
         for s in sts:
+            if not s.persistent and id(s) in paged:
+                continue
             if not s.persistent and (id(s) in chosen or id(s) not in self.saved):
                 return False
             if self.written_between(s, self.pos[m], p):
                 return False
         return True
 
-    def chain(self, targets, p, chosen):
+    def chain(self, targets, p, chosen, paged=()):
         """Forward nodes to clone (in graph order) so that ``targets`` exist at ``p``, and the
-        original nodes the clones read directly. Raises _Infeasible."""
+        original nodes the clones read directly (``paged``: storages whose copies paged back in
+        may be read). Raises _Infeasible."""
         clone, direct = set(), set()
         stack = list(targets)
         forced = set(targets)
@@ -257,7 +282,7 @@ class _Graph:
             m = stack.pop()
             if m in clone or m in direct:
                 continue
-            if m not in forced and self.usable(m, p, chosen):
+            if m not in forced and self.usable(m, p, chosen, paged):
                 direct.add(m)
                 continue
             spec = self.spec(m)
@@ -267,8 +292,10 @@ class _Graph:
             stack.extend(_arg_nodes(spec[1], spec[2]))
         return sorted(clone, key=self.pos.__getitem__), direct
 
-    def candidates(self):
-        cands, infeasible = [], 0
+    def candidates(self, page=False):
+        """Recompute candidates (and, with ``page``, page candidates) of every saved storage;
+        also the number of storages considered."""
+        cands, considered = [], 0
         for sid, s in self.saved.items():
             if sid in self.pinned or s.nbytes == 0:
                 continue
@@ -277,19 +304,58 @@ class _Graph:
             last_fwd = max([s.start] + [self.pos[r] for r in rs if self.pos[r] < p])
             if last_fwd + 1 > p - 1:
                 continue                     # read by the backward right away: nothing to save
+            considered += 1
             als = set(self.aliases[sid])
             targets = list(dict.fromkeys(a for r in rs if self.pos[r] >= p
                                          for a in r.all_input_nodes if a in als))
             c = _Cand(sid, s.name, s.nbytes, p, last_fwd + 1, p - 1, targets)
             try:
                 order, direct = self.chain(targets, p, {sid})
+                c.cost = sum(self.cost(m) for m in order)
+                c.seconds = sum(self.cost.seconds(m) for m in order)
+                c.pen = self._penalties(direct, p)
+                cands.append(c)
             except _Infeasible:
-                infeasible += 1
-                continue
-            c.cost = sum(self.cost(m) for m in order)
-            c.pen = self._penalties(direct, p)
-            cands.append(c)
-        return cands, len(cands) + infeasible
+                pass
+            if page:
+                pc = self._page_cand(s, c)
+                if pc is not None:
+                    cands.append(pc)
+        return cands, considered
+
+    def _page_cand(self, s, c):
+        """Page storage ``s`` out after its last forward reader and back before ``c.p``: the
+        copies get windows of compute long enough to hide them (estimated), up to half the gap
+        each; None when nothing would be saved or the storage cannot be paged."""
+        sid = c.sid
+        if self.written_between(s, c.lo - 1, c.p):
+            return None
+        vals = [m.meta.get("val") for m in self.aliases[sid]]
+        if any(not isinstance(v, torch.Tensor) for m, v in zip(self.aliases[sid], vals) if m in c.targets):
+            return None
+        if len({v.dtype for v in vals if isinstance(v, torch.Tensor)}) != 1 or not self.extent(c):
+            return None
+        src = next((m for m, v in zip(self.aliases[sid], vals)
+                    if isinstance(v, torch.Tensor) and self.pos[m] < c.lo), None)
+        if src is None:
+            return None
+        cm = self.cost
+        t_out, t_in = c.nbytes / cm.page_write_rate, c.nbytes / cm.page_read_rate
+        mid = (c.lo + c.p) // 2
+        w, win_out = c.lo, 0.0
+        while w < mid and win_out < t_out:
+            win_out += self.sec[w]
+            w += 1
+        q, win_in = c.p, 0.0
+        while q > max(w, mid) and win_in < t_in:
+            q -= 1
+            win_in += self.sec[q]
+        if q <= w:
+            return None
+        pc = _Cand(sid, s.name, s.nbytes, c.p, w, q - 1, c.targets, mode="page", src=src, o=c.lo, w=w, q=q)
+        pc.cost = cm.page_cost(c.nbytes, win_out, win_in)
+        pc.seconds = cm.page_seconds(c.nbytes, win_out, win_in)
+        return pc
 
     def _penalties(self, direct, p):
         out = []
@@ -300,29 +366,94 @@ class _Graph:
         return out
 
     def build(self, chosen_cands):
-        """A new graph with the chosen candidates recomputed; (graph, cost, flops, clones)."""
+        """A new graph with the chosen candidates recomputed or paged: a namespace with ``graph``,
+        ``cost`` (objective), ``seconds``, ``flops``, ``added`` (nodes), ``recomputed`` and
+        ``paged`` (storage names), ``pool`` (the page pool's key and bytes, or None)."""
         from pockc.remat_cost import flops as _flops
-        chosen = {c.sid for c in chosen_cands}
+        rec = [c for c in chosen_cands if c.mode == "recompute"]
+        pag = {c.sid: c for c in chosen_cands if c.mode == "page"}
+        chosen = {c.sid for c in rec} | set(pag)
+        chains, need = {}, {}
+        for c in rec:           # clones may read a paged storage: page it in by then
+            order, direct = self.chain(c.targets, c.p, chosen, pag)
+            chains[id(c)] = order
+            for m in direct:
+                for s in flat(self.root.get(m)):
+                    if id(s) in pag:
+                        need.setdefault(id(s), set()).add((c.p, m))
+        events = {}             # position -> [(rank, kind, cand)]
+        plan = {}
+        for sid, c in list(pag.items()):
+            reads = need.get(sid, set())
+            u = min([c.p] + [p for p, _ in reads])
+            if u <= c.o:        # a clone needs it before it could be paged out: keep it instead
+                del pag[sid]
+                continue
+            w = min(c.w, u)
+            q = max(min(c.q, u), w)
+            plan[sid] = (w, q, u, list(dict.fromkeys(list(c.targets) + [m for _, m in reads])))
+            for pos, rank, kind in ((c.o, 0, "out"), (w, 1, "out_wait"), (q, 2, "in"), (u, 3, "in_wait")):
+                events.setdefault(pos, []).append((rank, kind, c))
         groups = {}
-        for c in chosen_cands:
+        for c in rec:
             groups.setdefault(c.p, []).append(c)
+        pool_key, offsets, total = None, {}, 0
+        for sid, c in pag.items():
+            offsets[sid] = total
+            total += (self.extent(c) + 63) // 64 * 64
+        if pag:
+            pool_key = f"pockc-page-{uuid.uuid4().hex[:12]}"
+
         g = fx.Graph()
         env, remap = {}, {}
-        cost = fl = 0.0
+        cost = secs = fl = 0.0
         added = 0
+        handles = {}
+
+        def look(a):
+            return remap[a] if a in remap else env[a]
+
+        def page_node(fn, args, c, role, val=None):
+            node = g.call_function(fn, args)
+            node.meta = {"pockc.role": role, "pockc.page": c.name, "val": val}
+            return node
         for n in self.nodes:
             i = self.pos[n]
+            for _, kind, c in sorted(events.get(i, ()), key=lambda e: e[0]):
+                off, nb = offsets[c.sid], self.extent(c)
+                src = c.src
+                if kind == "out":
+                    handles[c.sid] = page_node(paging.page_out, (env[src], pool_key, off, nb, total), c, "forward")
+                elif kind == "out_wait":
+                    page_node(paging.page_out_wait, (handles[c.sid], env[src], pool_key), c, "forward")
+                elif kind == "in":
+                    val = _fake_bytes(src.meta["val"], nb)
+                    handles[c.sid] = page_node(paging.page_in, (handles[c.sid], pool_key, off, nb, total,
+                                                                str(src.meta["val"].device)), c, "backward", val)
+                else:
+                    buf = page_node(paging.page_in_wait, (handles[c.sid], pool_key, off), c, "backward",
+                                    handles[c.sid].meta["val"])
+                    for m in plan[c.sid][3]:
+                        v = m.meta["val"]
+                        typed = call(g, aten.view.dtype, (buf, v.dtype))
+                        remap[m] = call(g, aten.as_strided.default,
+                                        (typed, list(v.shape), list(v.stride()), v.storage_offset()))
+                        for x in (typed, remap[m]):
+                            x.meta.update({"pockc.role": "backward", "pockc.page": c.name})
+                    added += 2 * len(plan[c.sid][3])
+                    cost += c.cost
+                    secs += c.seconds
+                added += 1
             if i in groups:
                 memo = {}
                 for c in groups[i]:
-                    order, _ = self.chain(c.targets, i, chosen)
-                    for m in order:
+                    for m in chains[id(c)]:
                         if m in memo:
                             continue
                         target, args, kwargs = self.spec(m)
 
                         def sub(a):
-                            return memo[a] if a in memo else env[a]
+                            return memo[a] if a in memo else look(a)
                         args, kwargs = torch.fx.node.map_arg((args, kwargs), sub)
                         new = g.create_node("call_function", target, args, kwargs, name=f"{m.name}_remat")
                         new.meta = copy.copy(m.meta)
@@ -330,13 +461,36 @@ class _Graph:
                         new.meta["pockc.remat"] = m.name
                         memo[m] = new
                         cost += self.cost(m)
+                        secs += self.cost.seconds(m)
                         fl += _flops(m)
                         added += 1
                     for m in c.targets:
                         remap[m] = memo[m]
-            env[n] = g.node_copy(n, lambda a: remap[a] if a in remap else env[a])
+            env[n] = g.node_copy(n, look)
         dce(SimpleNamespace(graph=g))   # views of the originals left without readers
-        return g, cost, fl, added
+        return SimpleNamespace(graph=g, cost=cost, seconds=secs, flops=fl, added=added,
+                               recomputed=[c.name for c in rec], paged=[pag[s].name for s in pag],
+                               pool=(pool_key, total) if pag else None)
+
+    def extent(self, c) -> int:
+        """Bytes of ``c``'s storage that its aliases use (what is paged)."""
+        ext = 0
+        for m in self.aliases[c.sid]:
+            v = m.meta.get("val")
+            if isinstance(v, torch.Tensor) and v.numel():
+                span = 1 + sum((d - 1) * st for d, st in zip(v.shape, v.stride()) if d > 0)
+                ext = max(ext, (v.storage_offset() + span) * v.element_size())
+        return ext
+
+
+def _fake_bytes(like, nbytes):
+    """A fake uint8 tensor of ``nbytes`` on ``like``'s device, in ``like``'s fake mode."""
+    from torch._guards import detect_fake_mode
+    mode = getattr(like, "fake_mode", None) or detect_fake_mode([like])
+    if mode is None:
+        return torch.empty(nbytes, dtype=torch.uint8, device="meta")
+    with mode:
+        return torch.empty(nbytes, dtype=torch.uint8, device=like.device)
 
 
 def _liveness(nodes, storages, root):
@@ -397,12 +551,16 @@ def _greedy(G, cands, target, rerank=8):
             return chosen, False
         cover.sort(key=lambda c: -c.nbytes / (c.cost + 1e-9))
         best, best_r = None, -1.0
+        paged = {x.sid for x in chosen if x.mode == "page"}
         for c in cover[:rerank]:     # cost given what is already recomputed (chains get longer)
-            try:
-                order, _ = G.chain(c.targets, c.p, ids | {c.sid})
-            except _Infeasible:
-                continue
-            r = c.nbytes / (sum(G.cost(m) for m in order) + 1e-9)
+            if c.mode == "page":
+                r = c.nbytes / (c.cost + 1e-9)
+            else:
+                try:
+                    order, _ = G.chain(c.targets, c.p, ids | {c.sid}, paged)
+                except _Infeasible:
+                    continue
+                r = c.nbytes / (sum(G.cost(m) for m in order) + 1e-9)
             if r > best_r:
                 best, best_r = c, r
         if best is None:
@@ -449,8 +607,17 @@ def _milp(G, cands, target, time_limit):
     if np.any(A[ks].clip(min=0).sum(axis=1) < lb):
         return None, False                  # some point cannot be covered at all
     scale = max(1e-12, max((c.cost for c in cands), default=1.0))
-    res = milp(c=np.array([c.cost / scale + 1e-6 for c in cands]),
-               constraints=LinearConstraint(A[ks] / 1024.0, lb=lb / 1024.0, ub=np.inf),
+    cons = [LinearConstraint(A[ks] / 1024.0, lb=lb / 1024.0, ub=np.inf)]
+    by_sid = {}
+    for j, c in enumerate(cands):
+        by_sid.setdefault(c.sid, []).append(j)
+    pairs = [js for js in by_sid.values() if len(js) > 1]
+    if pairs:                                   # keep, recompute or page: one choice per storage
+        E = np.zeros((len(pairs), n))
+        for r, js in enumerate(pairs):
+            E[r, js] = 1.0
+        cons.append(LinearConstraint(E, lb=0, ub=1))
+    res = milp(c=np.array([c.cost / scale + 1e-6 for c in cands]), constraints=cons,
                integrality=np.ones(n), bounds=Bounds(0, 1),
                options={"time_limit": time_limit, "disp": False})
     if res.x is None:
@@ -458,56 +625,74 @@ def _milp(G, cands, target, time_limit):
     return [c for c, x in zip(cands, res.x) if x > 0.5], True
 
 
-def _fits(G, cands, chosen, budget, layout):
-    """Rewrite and plan; the arena (slow to place) only once the liveness peak fits."""
-    g, cost, fl, added = G.build(chosen)
-    peak = _peak(g, layout)
+def _fits(G, chosen, budget, layout):
+    """Rewrite and plan; the arena (slow to place) only once the liveness peak fits. The build's
+    namespace with ``mp`` (the plan), or None when the choices conflict."""
+    try:
+        b = G.build(chosen)
+    except _Infeasible:
+        return None
+    peak = _peak(b.graph, layout)
     if budget is not None and peak > budget:
-        mp = SimpleNamespace(peak_bytes=peak, required_bytes=peak)
+        b.mp = SimpleNamespace(peak_bytes=peak, required_bytes=peak)
     else:
-        mp = plan_memory(SimpleNamespace(graph=g), layout)
-    return g, mp, cost, fl, added
+        b.mp = plan_memory(SimpleNamespace(graph=b.graph), layout)
+    return b
 
 
 def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = None, cost=None,
-                  solver: str = "auto", time_limit: float = 1.0, recompute=None) -> PassResult:
-    """Recompute saved activations so the step's planned memory (``max(peak, arena)``) fits
-    ``budget_bytes`` at the least estimated added work. ``recompute``: storage names to recompute
-    instead of solving (replays an earlier decision on a graph traced for another batch shape).
-    Records ``gm.meta['pockc.remat']`` (a RematReport; ``fits`` False when no plan found fits: the
-    graph is then rewritten with the plan of the smallest peak reached)."""
+                  solver: str = "auto", time_limit: float = 1.0, recompute=None, page=None,
+                  allow_paging: bool = True) -> PassResult:
+    """Recompute or page out saved activations so the step's planned memory (``max(peak,
+    arena)``) fits ``budget_bytes`` at the least estimated added cost (``cost``: a
+    pockc.remat_cost.CostModel; paging only where ``allow_paging`` and the model has a tier).
+    ``recompute`` / ``page``: storage names to recompute / page instead of solving (replays an
+    earlier decision on a graph traced for another batch shape). Records ``gm.meta['pockc.remat']``
+    (a RematReport; ``fits`` False when no plan found fits: the graph is then rewritten with the
+    plan of the smallest peak reached)."""
     from pockc.remat_cost import default_cost_model
     if solver not in ("auto", "greedy", "milp"):
         raise ValueError(f"rematerialize: solver must be auto, greedy or milp, not {solver!r}")
     t0 = time.perf_counter()
-    cost = cost or default_cost_model()
+    if cost is None:
+        dev = next((n.meta["val"].device.type for n in gm.graph.nodes
+                    if isinstance(n.meta.get("val"), torch.Tensor)), "cpu")
+        cost = default_cost_model(dev)
     G = _Graph(gm.graph, layout, cost)
     peak0 = int(G.timeline.max()) if len(G.timeline) else G.persist
     before = SimpleNamespace(peak_bytes=peak0, required_bytes=peak0)
     if budget_bytes is None or peak0 <= budget_bytes:
         before = plan_memory(gm, layout)                # the arena may still be over
-    cands, n_saved = G.candidates()
+    cands, n_saved = G.candidates(page=allow_paging and cost.can_page)
+    n_rec = sum(c.mode == "recompute" for c in cands)
 
-    def finish(name, chosen, g, mp, c, fl, added, fits, tries):
-        rep = RematReport(name, time.perf_counter() - t0, budget_bytes, before.peak_bytes, mp.peak_bytes,
-                          mp.required_bytes, n_saved, len(cands), [x.name for x in chosen], added, c, fl, fits,
-                          tries)
-        if chosen:
-            g.lint()
-            gm.graph = g             # (the setter recompiles)
-            if hasattr(mp, "storages"):
-                gm.meta["pockc.remat_plan"] = mp    # plan_memory of this very graph, for the caller
+    def finish(name, b, fits, tries):
+        rep = RematReport(name, time.perf_counter() - t0, budget_bytes, before.peak_bytes, b.mp.peak_bytes,
+                          b.mp.required_bytes, n_saved, n_rec, b.recomputed, b.added, b.seconds, b.flops, fits,
+                          tries, paged=b.paged, pageable=len(cands) - n_rec, objective=cost.objective,
+                          added_cost=b.cost, cost_model=cost.name)
+        if b.recomputed or b.paged:
+            b.graph.lint()
+            gm.graph = b.graph             # (the setter recompiles)
+            if hasattr(b.mp, "storages"):
+                gm.meta["pockc.remat_plan"] = b.mp    # plan_memory of this very graph, for the caller
+        if b.pool is not None:              # the pool's file mapping goes with the graph
+            weakref.finalize(gm, paging.release, b.pool[0])
         gm.meta["pockc.remat"] = rep
-        return PassResult(gm, bool(chosen))
+        return PassResult(gm, bool(b.recomputed or b.paged))
 
-    if recompute is not None:
-        names = set(recompute)
-        chosen = [c for c in cands if c.name in names]
-        g, mp, c, fl, added = _fits(G, cands, chosen, budget_bytes, layout)
-        return finish("forced", chosen, g, mp, c, fl, added,
-                      budget_bytes is None or mp.required_bytes <= budget_bytes, {})
+    if recompute is not None or page is not None:
+        rnames, pnames = set(recompute or ()), set(page or ())
+        chosen = [c for c in cands if (c.mode == "recompute" and c.name in rnames)
+                  or (c.mode == "page" and c.name in pnames)]
+        b = _fits(G, chosen, budget_bytes, layout)
+        if b is None:
+            raise RuntimeError("rematerialize: the recorded recompute/page decisions conflict on this graph")
+        return finish("forced", b, budget_bytes is None or b.mp.required_bytes <= budget_bytes, {})
     if budget_bytes is None or before.required_bytes <= budget_bytes:
-        return finish("none", [], gm.graph, before, 0.0, 0.0, 0, True, {})
+        none = SimpleNamespace(graph=gm.graph, mp=before, cost=0.0, seconds=0.0, flops=0.0, added=0,
+                               recomputed=[], paged=[], pool=None)
+        return finish("none", none, True, {})
 
     solvers = ["greedy"]
     if solver in ("auto", "milp"):
@@ -516,7 +701,7 @@ def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = No
         elif solver == "milp":
             raise ImportError("rematerialize: solver='milp' needs scipy (pip install pockc[remat])")
     results, tries = [], {}
-    smallest = None                                   # (required, chosen, built) of the lowest peak
+    smallest = None                                   # (required, solver, build) of the lowest peak
     for name in solvers:
         ts = time.perf_counter()
         if name == "milp":       # scipy's import (about a second, once per process) is timed apart
@@ -532,12 +717,14 @@ def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = No
                 chosen, ok = _milp(G, cands, target, time_limit)
                 if chosen is None:
                     chosen, ok = _greedy(G, cands, target)     # best effort for the error message
-            built = _fits(G, cands, chosen, budget_bytes, layout)
-            req = built[1].required_bytes
+            b = _fits(G, chosen, budget_bytes, layout)
+            if b is None:
+                break
+            req = b.mp.required_bytes
             if smallest is None or req < smallest[0]:
-                smallest = (req, chosen, built)
+                smallest = (req, name, b)
             if req <= budget_bytes:
-                found = (chosen, built)
+                found = b
                 break
             if not ok:
                 break
@@ -545,14 +732,15 @@ def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = No
             target = min(target, _modeled_peak(G, chosen)) - (req - budget_bytes) - 1024
         secs = time.perf_counter() - ts
         if found is not None:
-            chosen, (g, mp, c, fl, added) = found
-            tries[name] = {"cost_ms": round(c * 1e3, 4), "recomputed": len(chosen),
-                           "peak": mp.required_bytes, "seconds": round(secs, 3)}
-            results.append((c, name, chosen, found[1]))
+            tries[name] = {"cost": f"{found.cost:.4g}", "recomputed": len(found.recomputed),
+                           "paged": len(found.paged), "peak": found.mp.required_bytes, "seconds": round(secs, 3)}
+            results.append((found.cost, name, found))
         else:
             tries[name] = {"fits": False, "seconds": round(secs, 3)}
     if results:
-        c, name, chosen, (g, mp, c, fl, added) = min(results, key=lambda r: (r[0], r[1]))
-        return finish(name, chosen, g, mp, c, fl, added, True, tries)
-    req, chosen, (g, mp, c, fl, added) = smallest
-    return finish("greedy", chosen, g, mp, c, fl, added, False, tries)
+        _, name, b = min(results, key=lambda r: (r[0], r[1]))
+        return finish(name, b, True, tries)
+    if smallest is None:
+        raise RuntimeError("rematerialize: no plan could be built")
+    _, name, b = smallest
+    return finish(name, b, False, tries)

@@ -1,6 +1,8 @@
 """pockc.compile: model + loss + example batch + update policy -> TrainStep."""
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 import torch
@@ -93,7 +95,8 @@ def _record_peak_before(gm, layout):
 
 def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimizer: Optimizer | None = None,
             *, budget=None, verbose: bool = False, backend: str | None = None, scores=None,
-            max_layers: int = 12, remat: str = "auto") -> TrainStep:
+            max_layers: int = 12, remat: str = "auto", device_profile=None,
+            objective: str | None = None) -> TrainStep:
     """Compile one training step of ``model``.
 
     ``update`` is a preset (``"full"``, ``"bias"``, ``"last:K"``, ``"head"``; join with ``+``), a
@@ -111,10 +114,17 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     ``step.memory`` holds the plan: ``peak_bytes``, ``breakdown``, ``arena_bytes``, ``measure()``.
 
     ``remat``: ``"auto"`` (default) -- when the plan (an explicit ``update``, or ``"full"``) does not
-    fit ``budget``, recompute saved activations in the backward pass at the least estimated extra
-    work until it fits (passes/rematerialize.py; ``step.remat`` reports what was recomputed, with a
-    ``table()``; None when nothing was); ``"off"`` -- never recompute. The budget-driven choice of
-    an update plan (no ``update``) considers plans without recomputation.
+    fit ``budget``, recompute saved activations in the backward pass, or page them out to a slower
+    tier and back (a memory-mapped file on CPU, pinned host memory on CUDA; aten backend only),
+    at the least estimated extra cost until it fits (passes/rematerialize.py; ``step.remat``
+    reports what was recomputed and paged, with a ``table()``; None when nothing was);
+    ``"recompute"`` -- recompute only, never page; ``"off"`` -- neither. The budget-driven choice
+    of an update plan (no ``update``) considers plans without recomputation.
+    ``device_profile``: plan the trade for another device -- a bundled profile name
+    (``pockc.remat_cost.profiles()``: ``"mcu-cortex-m7"``, ``"raspberry-pi-4"``,
+    ``"jetson-nano"``, ...), a JSON file or a dict (pockc/profiles/README.md); default: this
+    device's built-in rates. ``objective``: ``"time"`` or ``"energy"`` (needs a profile with
+    energy figures); default: the profile's, else time.
 
     ``backend``: ``"aten"`` runs the emitted FX program op by op (the default on every device,
     see runtime/backends.py); ``"inductor"`` lowers it through torch._inductor on the first call
@@ -133,8 +143,17 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     ['2.bias', '2.weight']
     """
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
-    if remat not in ("auto", "off"):
-        raise CompileError(f"remat must be 'auto' or 'off', not {remat!r}")
+    if remat not in ("auto", "recompute", "off"):
+        raise CompileError(f"remat must be 'auto', 'recompute' or 'off', not {remat!r}")
+    cost_model = None
+    if device_profile is not None or objective is not None:
+        from pockc.remat_cost import CostModel, default_cost_model
+        try:
+            cost_model = (CostModel.from_profile(device_profile, objective) if device_profile is not None
+                          else dataclasses.replace(default_cost_model(_backends.device_of(example_batch)),
+                                                   objective=objective))
+        except ValueError as e:
+            raise CompileError(str(e)) from None
     if backend is not None and backend not in _backends.BACKENDS:
         raise CompileError(f"unknown backend {backend!r}; use one of: {', '.join(_backends.BACKENDS)}")
     budget_bytes = parse_bytes(budget) if budget is not None else None
@@ -172,13 +191,17 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
         gm, layout = build_graph(model, loss_fn, batch, plan, optimizer)
         mem = plan_memory(gm, layout)
     remat_report = None
-    if budget_bytes is not None and mem.required_bytes > budget_bytes and remat == "auto":
-        from pockc.passes.rematerialize import rematerialize       # recompute saved activations
-        gm = run_passes(gm, [("rematerialize", lambda g: rematerialize(g, layout, budget_bytes))])
+    step_backend = _backends.check_backend(backend) or _backends.default_backend(_backends.device_of(batch))
+    paging = remat == "auto" and step_backend == "aten"   # the page calls run in the FX program
+    if budget_bytes is not None and mem.required_bytes > budget_bytes and remat != "off":
+        from pockc.passes.rematerialize import rematerialize       # recompute / page saved activations
+        gm = run_passes(gm, [("rematerialize", lambda g: rematerialize(g, layout, budget_bytes, cost=cost_model,
+                                                                      allow_paging=paging))])
         remat_report = gm.meta["pockc.remat"]
         if not remat_report.fits:
+            how = "recomputing or paging activations" if paging else "recomputing activations"
             err = BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)}, over the budget "
-                              f"of {format_bytes(budget_bytes)}, and recomputing activations brings it down only "
+                              f"of {format_bytes(budget_bytes)}, and {how} brings it down only "
                               f"to {format_bytes(remat_report.required_after)} (the smallest peak reached); "
                               f"train fewer parameters (a smaller update policy or "
                               f"none), use a smaller batch or a larger budget")
@@ -201,11 +224,12 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             raise CompileError("recompiling for a new batch shape changed the step's inputs; compile again")
         if remat_report is not None:   # recompute the same tensors in the new shapes
             from pockc.passes.rematerialize import rematerialize
-            g = rematerialize(g, lay, None, recompute=remat_report.recomputed).graph_module
+            g = rematerialize(g, lay, None, recompute=remat_report.recomputed,
+                              page=remat_report.paged).graph_module
         return g
 
     step = TrainStep(model, gm, layout, optimizer, plan, batch, recompile)
-    step.backend = _backends.check_backend(backend) or _backends.default_backend(_backends.device_of(batch))
+    step.backend = step_backend
     step.memory = StepMemory(step, mem, gm.meta.get("pockc.peak_before"), gm.meta.get("pockc.schedule"))
     step.budget = budget_bytes
     step.selection = selection

@@ -41,26 +41,34 @@ def _remat_nodes(gm):
     return [n for n in gm.graph.nodes if "pockc.remat" in n.meta]
 
 
-@pytest.mark.parametrize("name,frac", [("resnet", 0.6), ("bert", 0.6), ("llama", 0.6), ("small_cnn", 0.85)])
-def test_full_finetune_fits_and_matches_eager(name, frac):
+def _page_nodes(gm):
+    return [n for n in gm.graph.nodes if "pockc.page" in n.meta]
+
+
+@pytest.mark.parametrize("name,frac,mode", [("resnet", 0.6, "recompute"), ("bert", 0.6, "recompute"),
+                                            ("llama", 0.6, "recompute"), ("small_cnn", 0.85, "recompute"),
+                                            ("resnet", 0.6, "auto"), ("bert", 0.6, "auto")])
+def test_full_finetune_fits_and_matches_eager(name, frac, mode):
     ex = zoo.ZOO[name]()
     budget = _budget(name, frac)
     assert budget < _baseline(name)[0]
     m_c, m_e = copy.deepcopy(ex.model), copy.deepcopy(ex.model)
     opt = pockc.SGD(**OPT)
-    step = pockc.compile(m_c, ex.loss_fn, ex.example_batch, update="full", optimizer=opt, budget=budget)
+    step = pockc.compile(m_c, ex.loss_fn, ex.example_batch, update="full", optimizer=opt, budget=budget,
+                         remat=mode)
     rep = step.remat
-    assert rep is not None and rep.fits and rep.recomputed
+    assert rep is not None and rep.fits and (rep.recomputed or rep.paged)
+    assert (not rep.paged) if mode == "recompute" else rep.paged    # the default CPU model pages here
     assert step.memory.peak_bytes <= step.memory.plan.required_bytes <= budget
     assert rep.peak_after == step.memory.peak_bytes and rep.bytes_saved > 0
     clones = _remat_nodes(step.graph)
-    assert len(clones) == rep.nodes_added > 0
+    assert len(clones) + len(_page_nodes(step.graph)) == rep.nodes_added > 0
     for n in clones:            # clones are pure: no RNG, nothing written in place
         assert torch.Tag.nondeterministic_seeded not in n.target.tags if hasattr(n.target, "tags") else True
         assert not getattr(getattr(n.target, "_schema", None), "is_mutable", False)
     assert "recomputed" in rep.table()
     by_name = {n.name: n for n in step.graph.graph.nodes}
-    for name_ in rep.recomputed:   # the original is read by the forward pass only now
+    for name_ in rep.recomputed + rep.paged:   # the original is read by the forward pass only now
         node = by_name[name_.split("[")[0]]
         late = [u for u in node.users if u.meta.get("pockc.role") in ("backward", "update")
                 and "pockc.remat" not in u.meta and u.target is not operator.getitem]

@@ -1,0 +1,156 @@
+"""Paging saved activations out to a slower, larger memory tier and back (POET's third choice).
+
+passes/rematerialize.py may decide that a saved activation is *paged*: right after its last
+forward reader the step starts copying its storage out, a few ops later it waits for that copy
+(the storage is then freed, as the memory plan assumes), and a few ops before its first backward
+reader it allocates a fresh storage and starts copying the bytes back in, waiting right before
+the reader. Both copies run while the step goes on computing (the ops between start and wait):
+
+* **CPU** -- the tier is a memory-mapped file (the "flash" of a microcontroller or a Raspberry
+  Pi), created in ``POCKC_PAGE_DIR`` (default: the system's temporary directory) on first use and
+  unlinked at once, so nothing is left behind. Copies run on one background thread (ATen's copy
+  releases the GIL). The pages are file-backed: the kernel may write them back and drop them
+  under memory pressure, which RAM holding the activation cannot do. On a machine with free RAM
+  they stay in the page cache, so the copies cost about a ``memcpy``.
+* **CUDA** -- the tier is pinned host memory; copies are asynchronous on a side stream. The
+  compute stream waits for the copy-out event before the storage can be reused, and for the
+  copy-in event before the first backward reader.
+
+The graph calls the four functions below with constants naming the pool, the slot's offset and
+size (``key, offset, nbytes, total``). A pool is created lazily on first use in a process, so a
+GraphModule that calls them runs anywhere pockc's runtime is installed. Allocation happens on the
+calling thread (so pockc's CPU memory tracker sees the paged-in storage like any other).
+
+This module imports torch only; it is part of pockc's runtime.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+__all__ = ["page_out", "page_out_wait", "page_in", "page_in_wait", "release", "PAGE_FUNCTIONS"]
+
+
+class _Pool:
+    def __init__(self, total: int, device: torch.device):
+        self.device = device
+        self.total = total
+        self.pending = {}                 # offset -> Future / cuda Event of the copy in flight
+        if device.type == "cuda":
+            self.host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            self.stream = torch.cuda.Stream(device=device)
+            self.worker = None
+            self._map = None
+        else:
+            d = os.environ.get("POCKC_PAGE_DIR") or tempfile.gettempdir()
+            fd, path = tempfile.mkstemp(prefix="pockc-page-", dir=d)
+            try:
+                os.ftruncate(fd, max(total, 1))
+                self._map = mmap.mmap(fd, max(total, 1))
+            finally:
+                os.close(fd)
+                os.unlink(path)
+            self.host = torch.frombuffer(self._map, dtype=torch.uint8, count=total) if total else torch.empty(0, dtype=torch.uint8)
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pockc-page")
+            self.stream = None
+
+    def close(self):
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+
+
+_POOLS: dict = {}
+_LOCK = threading.Lock()
+
+
+def _pool(key: str, total: int, device) -> _Pool:
+    p = _POOLS.get(key)
+    if p is None:
+        with _LOCK:
+            p = _POOLS.get(key)
+            if p is None:
+                p = _POOLS[key] = _Pool(total, torch.device(device))
+    return p
+
+
+def release(key: str) -> None:
+    """Drop a pool (called when the GraphModule that uses it is collected)."""
+    p = _POOLS.pop(key, None)
+    if p is not None:
+        p.close()
+
+
+def _copy(dst, box):
+    dst.copy_(box[0])
+
+
+def _bytes_of(x: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor over the first ``nbytes`` of ``x``'s storage."""
+    return torch.empty(0, dtype=torch.uint8, device=x.device).set_(x.untyped_storage(), 0, (nbytes,), (1,))
+
+
+def page_out(x: torch.Tensor, key: str, offset: int, nbytes: int, total: int):
+    """Start copying the first ``nbytes`` of ``x``'s storage to the pool; returns the slot."""
+    pool = _pool(key, total, x.device)
+    dst = pool.host[offset:offset + nbytes]
+    src = _bytes_of(x, nbytes)
+    if pool.stream is not None:
+        pool.stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(pool.stream):
+            dst.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(pool.stream)
+        pool.pending[offset] = ev
+    else:
+        box = [src]             # page_out_wait drops the last reference on the calling thread
+        pool.pending[offset] = (pool.worker.submit(_copy, dst, box), box)
+    return offset
+
+
+def page_out_wait(slot: int, x: torch.Tensor, key: str) -> None:
+    """Wait until the copy out of ``x`` is done; ``x`` may be freed after this call."""
+    pool = _POOLS[key]
+    h = pool.pending.pop(slot)
+    if pool.stream is not None:
+        torch.cuda.current_stream(x.device).wait_event(h)
+    else:
+        h[0].result()
+        h[1].clear()
+
+
+def page_in(slot: int, key: str, offset: int, nbytes: int, total: int, device: str) -> torch.Tensor:
+    """Allocate ``nbytes`` on ``device`` and start copying the slot back into them."""
+    pool = _pool(key, total, device)
+    out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src = pool.host[offset:offset + nbytes]
+    if pool.stream is not None:
+        pool.stream.wait_stream(torch.cuda.current_stream(out.device))
+        with torch.cuda.stream(pool.stream):
+            out.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(pool.stream)
+        pool.pending[offset] = ev
+    else:
+        pool.pending[offset] = pool.worker.submit(_copy, out, [src])
+    return out
+
+
+def page_in_wait(buf: torch.Tensor, key: str, offset: int) -> torch.Tensor:
+    """Wait for the copy into ``buf`` and return it (the same tensor)."""
+    pool = _POOLS[key]
+    h = pool.pending.pop(offset)
+    if pool.stream is not None:
+        torch.cuda.current_stream(buf.device).wait_event(h)
+    else:
+        h.result()
+    return buf
+
+
+# Functions with effects the graph must keep even without users, and which output aliases which
+# argument (for the memory planner).
+PAGE_FUNCTIONS = (page_out, page_out_wait, page_in, page_in_wait)
