@@ -110,8 +110,8 @@ class RematReport:
     def table(self) -> str:
         from tabulate import tabulate
         rows = [["solver", self.solver], ["planner time", f"{self.solve_seconds:.3f} s"],
-                ["peak without recomputation", f"{self.peak_before:,} B"],
-                ["peak with recomputation", f"{self.peak_after:,} B"],
+                ["peak as traced", f"{self.peak_before:,} B"],
+                ["peak after", f"{self.peak_after:,} B"],
                 ["bytes saved", f"{self.bytes_saved:,} B"],
                 ["tensors recomputed", f"{len(self.recomputed)} of {self.feasible} recomputable "
                                        f"({self.candidates} saved)"],

@@ -159,6 +159,12 @@ def cmd_compile(args):
         except pockc.BudgetError as e:
             raise UsageError(f"--budget: {e}") from None
         print(f"budget: {format_bytes(budget)} of writable memory")
+    if args.device_profile is not None:
+        from pockc.remat_cost import CostModel
+        try:
+            CostModel.from_profile(args.device_profile, args.objective)
+        except ValueError as e:
+            raise UsageError(f"--device-profile: {e}") from None
     if args.scores is not None and (budget is None or args.update is not None):
         raise UsageError("--scores needs --budget and no --update: the scores decide what to train under a budget")
     model, batch = _user_call(module, "model"), _user_call(module, "example_batch")
@@ -172,7 +178,8 @@ def cmd_compile(args):
     optimizer = _optimizer(args, module)
     scores = _scores(args, module, model, batch, optimizer, train, val, budget)
     step = pockc.compile(model, module.loss_fn, batch, update=update, optimizer=optimizer, budget=budget,
-                         verbose=args.verbose, scores=scores, remat=args.remat)
+                         verbose=args.verbose, scores=scores, remat=args.remat,
+                         device_profile=args.device_profile, objective=args.objective)
     os.makedirs(args.out, exist_ok=True)
     if scores is not None:
         scores.to_json(os.path.join(args.out, "scores.json"))
@@ -184,7 +191,12 @@ def cmd_compile(args):
               f"# Inputs in order: {len(lay.params)} trained params, {len(lay.frozen)} frozen params, "
               f"{len(lay.buffers)} buffers, {len(lay.state)} optimizer state tensors, "
               f"{len(lay.scalars)} optimizer scalars, {lay.batch} batch tensors.",
-              "import torch", "from torch import device, inf, nan  # noqa: F401", ""]
+              "import torch", "from torch import device, inf, nan  # noqa: F401"]
+    for name, obj in sorted(step.graph.graph.python_code(root_module="self").globals.items()):
+        mod = getattr(obj, "__module__", None) or ""
+        if callable(obj) and mod.startswith("pockc."):       # runtime calls (paging) the code makes
+            header.append(f"from {mod} import {obj.__name__} as {name}")
+    header.append("")
     with open(os.path.join(args.out, "train_step.py"), "w") as f:
         f.write("\n".join(header) + step.code)
     plan = step.update_plan.to_dict()
@@ -253,9 +265,17 @@ def build_parser():
     c.add_argument("--budget", default=None,
                    help="writable memory the step may use, e.g. 256KB, 1.5MB, 4096 (KB/MB/GB are 1024-based; "
                         "KiB/MiB/GiB accepted); frozen weights are read-only and not counted")
-    c.add_argument("--remat", choices=["auto", "off"], default="auto",
-                   help="recompute activations in the backward pass when the update plan does not fit --budget "
-                        "(auto, the default) or never (off)")
+    c.add_argument("--remat", choices=["auto", "recompute", "off"], default="auto",
+                   help="when the update plan does not fit --budget: recompute activations in the backward pass "
+                        "or page them out to a slower tier and back (auto, the default), recompute only, or "
+                        "neither (off)")
+    c.add_argument("--device-profile", default=None, metavar="PROFILE",
+                   help="plan recomputation and paging for this device: a bundled profile (mcu-cortex-m7, "
+                        "raspberry-pi-4, jetson-nano, cuda-h100, x86-cpu) or a JSON file "
+                        "(see pockc/profiles/README.md); default: this machine's built-in rates")
+    c.add_argument("--objective", choices=["time", "energy"], default=None,
+                   help="what recomputation and paging minimize (default: the profile's, else time; "
+                        "energy needs a profile with energy figures)")
     c.add_argument("-v", "--verbose", action="store_true", help="progress bars and compile details")
     c.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="default: the file's optimizer() or sgd")
     c.add_argument("--lr", type=float, default=None, help="learning rate")

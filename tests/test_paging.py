@@ -175,3 +175,23 @@ def test_bad_profiles_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="objective"):
         CostModel(objective="speed")
     assert load_profile("jetson-nano")["name"] == "jetson-nano"
+
+
+def test_cli_device_profile(tmp_path):
+    from tests.test_cli import EXAMPLE, run
+    out = tmp_path / "b"
+    r = run("compile", EXAMPLE, "--update", "full", "--budget", "2.2MB", "--device-profile", "x86-cpu",
+            "--steps", "1", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "x86-cpu, minimizing time" in r.stdout and "tensors paged" in r.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    code = (out / "train_step.py").read_text()
+    if plan["remat"]["paged"]:        # the emitted program imports the runtime calls it makes
+        assert "from pockc.runtime.paging import page_out as" in code
+    compile(code, "train_step.py", "exec")
+    r = run("compile", EXAMPLE, "--budget", "2.2MB", "--device-profile", "toaster", "-o", str(out))
+    assert r.returncode == 2 and "no device profile 'toaster'" in r.stderr and "Traceback" not in r.stderr
+    r = run("compile", EXAMPLE, "--update", "full", "--budget", "2.2MB", "--objective", "energy",
+            "--device-profile", "raspberry-pi-4", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "raspberry-pi-4, minimizing energy" in r.stdout and "added energy" in r.stdout
