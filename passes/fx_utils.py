@@ -84,8 +84,10 @@ def _paging():
 
 
 def alias_source(node: fx.Node):
-    """The argument a non-aten runtime call returns as is (``page_in_wait``), else None."""
-    if node.op == "call_function" and node.target is _paging().page_in_wait:
+    """The argument a non-aten runtime call returns as is (``page_in_wait``, ``rng.replay``),
+    else None."""
+    from pockc.runtime import rng
+    if node.op == "call_function" and node.target in (_paging().page_in_wait, rng.replay):
         return node.args[0]
     return None
 

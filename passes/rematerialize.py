@@ -1,48 +1,59 @@
-"""rematerialize: recompute forward values in the backward pass instead of keeping them.
+"""rematerialize: recompute forward values in the backward pass, or page them out and back.
 
 A *saved activation* is a storage the forward pass allocates and the backward pass still reads
 (plan_memory's kind), so it is alive across the forward/backward boundary, where the peak of a
-full fine-tuning step usually is. For each such storage S the pass decides *keep* (as traced) or
-*recompute*: the forward nodes that produce S's aliases are cloned, from values that are still
-available (persistent inputs nobody has written since, and saved activations that are kept),
-right before the first backward node reading S; every backward reader is rewired to the clones.
-The original S then dies after its last forward reader, and the clone lives only from its first to
-its last backward use.
+full fine-tuning step usually is. For each such storage S the pass decides, as POET does:
+
+* **keep** (as traced);
+* **recompute**: the forward nodes that produce S's aliases are cloned, from values that are
+  still available (persistent inputs nobody has written since, saved activations that are kept
+  or paged back in), right before the first backward node reading S; every backward reader is
+  rewired to the clones. S then dies after its last forward reader, and the clone lives only
+  from its first to its last backward use;
+* **page**: right after S's last forward reader the step starts copying it out to a slower tier
+  (runtime/paging.py: a memory-mapped file on CPU, pinned host memory on CUDA), waits for the
+  copy a few ops later (S is freed there), starts copying it back into a fresh storage a few ops
+  before its first backward reader and waits right before that reader; the backward readers get
+  ``as_strided`` views of the fresh storage with S's aliases' layouts. The windows are sized by the
+  cost model so that the copies run beside compute. Paging needs the aten backend (the calls
+  run in the FX program).
 
 What may be cloned (``_clone_spec``): forward aten ops that are deterministic and write nothing, plus
 
 * in-place ops on a fresh storage (``relu_``, ``add_`` from inplace_ops): cloned out of place;
 * train-mode ``native_batch_norm``: cloned with ``running_mean``/``running_var`` = None, which
   normalizes with the same batch statistics and does not update the running statistics a second
-  time.
+  time;
+* random fills of a fresh buffer (dropout's ``empty_like`` + ``bernoulli_``): the forward saves
+  the generator state right before the fill (runtime/rng.py, 5 KB on CPU), the clone replays the
+  fill from it and restores the generator, so the mask is the same bits and later draws are
+  unchanged.
 
-Never cloned: random ops (dropout's ``bernoulli_``, attention with ``dropout_p > 0``; replaying the
-RNG state is left for later: a dropout mask is kept as the saved value it is and the ops after it
-may be recomputed from it), ``empty*`` (uninitialized), other mutating ops, backward or update
-nodes. A value is used directly by a clone only if no node wrote its storage between the value's
-node and the clone (a parameter already updated, a storage mutated in place later) -- otherwise
-it is cloned too, or the candidate is infeasible.
+Never cloned: other random ops (attention with ``dropout_p > 0``), other ``empty*`` (uninitialized),
+other mutating ops, backward or update nodes. A value is used directly by a clone only if no node
+wrote its storage between the value's node and the clone (a parameter already updated, a storage
+mutated in place later) -- otherwise it is cloned too, or the candidate is infeasible.
 
 Decision (``solver``): a linear model of memory over the schedule -- recomputing S saves its bytes
 between its last forward reader and its first backward reader, and costs keeping directly-used
-inputs alive until the clone -- and the cost model of pockc/remat_cost.py (estimated seconds of
-the cloned ops). ``greedy`` covers the current maximum excess over the target with the candidate
-of most bytes per second (re-costed given what is already recomputed, since chains grow), then
+inputs (and saved generator states) alive until the clone; paging S saves its bytes between the
+two copies' waits -- and the cost model of pockc/remat_cost.py (estimated seconds of the cloned ops
+and of the copies not hidden by compute, or joules with ``objective="energy"``; a device profile
+describes another device). ``greedy`` covers the current maximum excess over the target with the
+choice of most bytes per cost (re-costed given what is already chosen, since chains grow), then
 drops choices that later ones made redundant; ``milp`` (scipy.optimize.milp / HiGHS, one binary
-per candidate, one constraint per distinct set of candidates alive over the budget) minimizes
-the cost exactly for the linear model (static costs, a time limit; scipy has no warm start, so the greedy plan is the
-fallback and the comparison); ``auto`` runs both (the MILP up to ``MILP_MAX_CANDIDATES``
-candidates, when scipy is installed) and keeps the cheaper *verified* plan. Every plan is checked
-with the planner's exact liveness after rewriting; if the linear model was optimistic the target
-is lowered by the overshoot and the solve repeated. When nothing fits, the graph is rewritten with
-the plan of the smallest peak reached (``RematReport.fits`` False; pockc.compile then raises
-BudgetError naming that peak).
+per choice, at most one choice per storage, one constraint per distinct set of choices alive over
+the budget) minimizes the cost exactly for the linear model (static costs, a time limit; scipy has
+no warm start, so the greedy plan is the fallback and the comparison); ``auto`` runs both (the MILP
+up to ``MILP_MAX_CANDIDATES`` choices, when scipy is installed) and keeps the cheaper *verified*
+plan. Every plan is checked with the planner's exact liveness after rewriting; if the linear model
+was optimistic the target is lowered by the overshoot and the solve repeated. When nothing fits,
+the graph is rewritten with the plan of the smallest peak reached (``RematReport.fits`` False;
+pockc.compile then raises BudgetError naming that peak).
 
 The boundary between forward and backward is per storage: schedule_memory may move backward
 nodes (weight transposes) before forward ones, so a storage is *saved* when a backward or update
 node reads it, and its gap runs from its last forward reader to its first backward reader.
-Paging saved activations out (CPU mmap, CUDA pinned host memory) is the other way to trade time
-for memory; it is not done here.
 """
 from __future__ import annotations
 
@@ -60,7 +71,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pockc.runtime import paging
+from pockc.runtime import paging, rng
 
 from .fx_utils import HIDDEN_MUTATION, PassResult, call, dce, is_aten, is_view, mutated_args
 from .plan_memory import flat, plan_memory, storages_of
@@ -161,10 +172,36 @@ def _out_of_place(target):
     return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
+_RANDOM_FILL = ("bernoulli_", "uniform_", "normal_", "exponential_", "geometric_", "log_normal_",
+                "cauchy_", "random_")
+_EMPTY = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+_STATE = "<rng state>"      # stands for the generator state saved before the original op
+
+
+def _random_fill(m) -> bool:
+    """``m`` fills a fresh, otherwise unused ``empty*`` buffer with random numbers (dropout's
+    ``bernoulli_``): it can be replayed from the generator state saved before it."""
+    if not (is_aten(m) and m.target.overloadpacket.__name__ in _RANDOM_FILL and m.args):
+        return False
+    if m.kwargs.get("generator") is not None:
+        return False
+    buf = m.args[0]
+    return (isinstance(buf, fx.Node) and is_aten(buf) and buf.target.overloadpacket.__name__ in _EMPTY
+            and list(buf.users) == [m])
+
+
 def _clone_spec(m):
     """(target, args, kwargs) of the clone of forward node ``m``, or None if it may not be cloned."""
     if m.op != "call_function":
         return None
+    if is_aten(m) and m.meta.get("pockc.role") == "forward":
+        if m.target.overloadpacket.__name__ in _EMPTY and len(m.users) == 1 and _random_fill(next(iter(m.users))):
+            v = m.meta["val"]           # the buffer a random fill overwrites: same layout, no input
+            return (aten.empty_strided.default, (list(v.shape), list(v.stride())),
+                    {"dtype": v.dtype, "device": v.device})
+        if _random_fill(m):
+            op = f"{m.target.overloadpacket.__name__}.{m.target._overloadname}"
+            return rng.replay, (m.args[0], _STATE, op, *m.args[1:]), {}
     if m.target is operator.getitem:
         return m.target, m.args, m.kwargs
     if not is_aten(m):
@@ -314,6 +351,8 @@ class _Graph:
                 c.cost = sum(self.cost(m) for m in order)
                 c.seconds = sum(self.cost.seconds(m) for m in order)
                 c.pen = self._penalties(direct, p)
+                c.pen += [(self.pos[m], p - 1, _state_bytes(m.meta["val"].device))   # saved generator states
+                          for m in order if self.spec(m)[0] is rng.replay]
                 cands.append(c)
             except _Infeasible:
                 pass
@@ -397,6 +436,8 @@ class _Graph:
         groups = {}
         for c in rec:
             groups.setdefault(c.p, []).append(c)
+        replays = {m for order in chains.values() for m in order if self.spec(m)[0] is rng.replay}
+        states = {}
         pool_key, offsets, total = None, {}, 0
         for sid, c in pag.items():
             offsets[sid] = total
@@ -455,6 +496,8 @@ class _Graph:
                         def sub(a):
                             return memo[a] if a in memo else look(a)
                         args, kwargs = torch.fx.node.map_arg((args, kwargs), sub)
+                        if target is rng.replay:
+                            args = (args[0], states[m], *args[2:])
                         new = g.create_node("call_function", target, args, kwargs, name=f"{m.name}_remat")
                         new.meta = copy.copy(m.meta)
                         new.meta["pockc.role"] = "backward"
@@ -466,6 +509,12 @@ class _Graph:
                         added += 1
                     for m in c.targets:
                         remap[m] = memo[m]
+            if n in replays:          # save the generator's state right before the random op
+                dev = n.meta["val"].device
+                st = states[n] = g.call_function(rng.rng_state, (str(dev),))
+                st.meta = {"pockc.role": "forward", "pockc.rng_state": n.name,
+                           "val": _fake_bytes(n.meta["val"], _state_bytes(dev))}
+                added += 1
             env[n] = g.node_copy(n, look)
         dce(SimpleNamespace(graph=g))   # views of the originals left without readers
         return SimpleNamespace(graph=g, cost=cost, seconds=secs, flops=fl, added=added,
@@ -481,6 +530,16 @@ class _Graph:
                 span = 1 + sum((d - 1) * st for d, st in zip(v.shape, v.stride()) if d > 0)
                 ext = max(ext, (v.storage_offset() + span) * v.element_size())
         return ext
+
+
+_STATE_BYTES = {}
+
+
+def _state_bytes(device) -> int:
+    key = str(device)
+    if key not in _STATE_BYTES:
+        _STATE_BYTES[key] = rng.state_numel(device)
+    return _STATE_BYTES[key]
 
 
 def _fake_bytes(like, nbytes):

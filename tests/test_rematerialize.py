@@ -164,3 +164,38 @@ def test_cli_remat_option():
     args = build_parser().parse_args(["compile", "model.py", "--budget", "1MB", "--remat", "off"])
     assert args.remat == "off"
     assert build_parser().parse_args(["compile", "model.py"]).remat == "auto"
+
+
+def test_dropout_masks_are_recomputed_by_replaying_the_generator():
+    """Every recomputable storage of BERT recomputed, dropout masks included: the masks are drawn
+    again from the saved generator state, the generator is restored (the second step's masks and
+    a draw after the steps are eager's), and the step matches eager."""
+    from pockc.runtime import rng
+    ex = zoo.bert()
+    opt = pockc.SGD(**OPT)
+    m_c, m_e = copy.deepcopy(ex.model), copy.deepcopy(ex.model)
+    step = pockc.compile(m_c, ex.loss_fn, ex.example_batch, update="full", optimizer=opt)
+    G = _Graph(step.graph.graph, step.layout, CostModel())
+    cands, _ = G.candidates()
+    masks = [c for c in cands if any(G.spec(m) and G.spec(m)[0] is rng.replay
+                                     for m in G.chain(c.targets, c.p, {c.sid})[0])]
+    assert masks                                  # dropout masks are recomputable now
+    gm = rematerialize(step.graph, step.layout, None, recompute=[c.name for c in cands]).graph_module
+    replays = [n for n in gm.graph.nodes if n.target is rng.replay]
+    states = [n for n in gm.graph.nodes if n.target is rng.rng_state]
+    assert replays and states and all(n.meta["pockc.role"] == "forward" for n in states)
+    for st in states:    # saved right before the original random op
+        assert st.next.target is torch.ops.aten.bernoulli_.float
+    batches = [ex.example_batch] * 2
+    torch.manual_seed(0)
+    measured = step.memory.measure(*batches[0])
+    assert measured == plan_memory(gm, step.layout).peak_bytes
+    lc = [step.memory.last_loss] + [step(*b) for b in batches[1:]]
+    after_c = torch.rand(3)
+    torch.manual_seed(0)
+    le = eager_steps(m_e, ex.loss_fn, batches, step.update_plan, opt)
+    after_e = torch.rand(3)
+    assert torch.equal(after_c, after_e)
+    for a, b in zip(lc, le):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_match(m_c, m_e, ex.model, step.update_plan, rtol=1e-4, atol=1e-5)
