@@ -761,9 +761,15 @@ def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = No
             raise ImportError("rematerialize: solver='milp' needs scipy (pip install pockc[remat])")
     results, tries = [], {}
     smallest = None                                   # (required, solver, build) of the lowest peak
-    for name in solvers:
+    rec_only = [c for c in cands if c.mode == "recompute"]
+    runs = [(name, cands, name) for name in solvers]
+    if len(rec_only) < len(cands):   # if nothing fits with paging, recomputation alone may still
+        runs += [(name, rec_only, f"{name} (recompute only)") for name in solvers]  # reach lower
+    for name, pool, label in runs:
+        if results and pool is rec_only:
+            break
         ts = time.perf_counter()
-        if name == "milp":       # scipy's import (about a second, once per process) is timed apart
+        if name == "milp" and "scipy import" not in tries:   # about a second, once per process
             importlib.import_module("scipy.optimize")
             tries["scipy import"] = {"seconds": round(time.perf_counter() - ts, 3)}
             ts = time.perf_counter()
@@ -771,17 +777,17 @@ def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = No
         found = None
         for _ in range(8):
             if name == "greedy":
-                chosen, ok = _greedy(G, cands, target)
+                chosen, ok = _greedy(G, pool, target)
             else:
-                chosen, ok = _milp(G, cands, target, time_limit)
+                chosen, ok = _milp(G, pool, target, time_limit)
                 if chosen is None:
-                    chosen, ok = _greedy(G, cands, target)     # best effort for the error message
+                    chosen, ok = _greedy(G, pool, target)     # best effort for the error message
             b = _fits(G, chosen, budget_bytes, layout)
             if b is None:
                 break
             req = b.mp.required_bytes
             if smallest is None or req < smallest[0]:
-                smallest = (req, name, b)
+                smallest = (req, label, b)
             if req <= budget_bytes:
                 found = b
                 break
@@ -791,11 +797,11 @@ def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = No
             target = min(target, _modeled_peak(G, chosen)) - (req - budget_bytes) - 1024
         secs = time.perf_counter() - ts
         if found is not None:
-            tries[name] = {"cost": f"{found.cost:.4g}", "recomputed": len(found.recomputed),
-                           "paged": len(found.paged), "peak": found.mp.required_bytes, "seconds": round(secs, 3)}
-            results.append((found.cost, name, found))
+            tries[label] = {"cost": f"{found.cost:.4g}", "recomputed": len(found.recomputed),
+                            "paged": len(found.paged), "peak": found.mp.required_bytes, "seconds": round(secs, 3)}
+            results.append((found.cost, label, found))
         else:
-            tries[name] = {"fits": False, "seconds": round(secs, 3)}
+            tries[label] = {"fits": False, "smallest": req if b is not None else None, "seconds": round(secs, 3)}
     if results:
         _, name, b = min(results, key=lambda r: (r[0], r[1]))
         return finish(name, b, True, tries)
