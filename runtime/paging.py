@@ -94,60 +94,55 @@ def _bytes_of(x: torch.Tensor, nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=x.device).set_(x.untyped_storage(), 0, (nbytes,), (1,))
 
 
-def page_out(x: torch.Tensor, key: str, offset: int, nbytes: int, total: int):
-    """Start copying the first ``nbytes`` of ``x``'s storage to the pool; returns the slot."""
-    pool = _pool(key, total, x.device)
-    dst = pool.host[offset:offset + nbytes]
-    src = _bytes_of(x, nbytes)
+def _start(pool, offset, dst, src, device):
+    """Start the copy ``dst <- src`` beside the compute: on the side stream after the work queued
+    so far (CUDA), or on the pool's thread (CPU, which holds ``src`` only until ``_wait``)."""
     if pool.stream is not None:
-        pool.stream.wait_stream(torch.cuda.current_stream(x.device))
+        pool.stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(pool.stream):
             dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(pool.stream)
         pool.pending[offset] = ev
     else:
-        box = [src]             # page_out_wait drops the last reference on the calling thread
+        box = [src]
         pool.pending[offset] = (pool.worker.submit(_copy, dst, box), box)
+
+
+def _wait(pool, offset, device):
+    """Wait for the copy started at ``offset``: the compute stream waits for its event (CUDA), or
+    this thread for the pool's thread, then drops the source here (CPU)."""
+    h = pool.pending.pop(offset)
+    if pool.stream is not None:
+        torch.cuda.current_stream(device).wait_event(h)
+    else:
+        h[0].result()
+        h[1].clear()
+
+
+def page_out(x: torch.Tensor, key: str, offset: int, nbytes: int, total: int):
+    """Start copying the first ``nbytes`` of ``x``'s storage to the pool; returns the slot."""
+    pool = _pool(key, total, x.device)
+    _start(pool, offset, pool.host[offset:offset + nbytes], _bytes_of(x, nbytes), x.device)
     return offset
 
 
 def page_out_wait(slot: int, x: torch.Tensor, key: str) -> None:
     """Wait until the copy out of ``x`` is done; ``x`` may be freed after this call."""
-    pool = _POOLS[key]
-    h = pool.pending.pop(slot)
-    if pool.stream is not None:
-        torch.cuda.current_stream(x.device).wait_event(h)
-    else:
-        h[0].result()
-        h[1].clear()
+    _wait(_POOLS[key], slot, x.device)
 
 
 def page_in(slot: int, key: str, offset: int, nbytes: int, total: int, device: str) -> torch.Tensor:
     """Allocate ``nbytes`` on ``device`` and start copying the slot back into them."""
     pool = _pool(key, total, device)
     out = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    src = pool.host[offset:offset + nbytes]
-    if pool.stream is not None:
-        pool.stream.wait_stream(torch.cuda.current_stream(out.device))
-        with torch.cuda.stream(pool.stream):
-            out.copy_(src, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(pool.stream)
-        pool.pending[offset] = ev
-    else:
-        pool.pending[offset] = pool.worker.submit(_copy, out, [src])
+    _start(pool, offset, out, pool.host[offset:offset + nbytes], out.device)
     return out
 
 
 def page_in_wait(buf: torch.Tensor, key: str, offset: int) -> torch.Tensor:
     """Wait for the copy into ``buf`` and return it (the same tensor)."""
-    pool = _POOLS[key]
-    h = pool.pending.pop(offset)
-    if pool.stream is not None:
-        torch.cuda.current_stream(buf.device).wait_event(h)
-    else:
-        h.result()
+    _wait(_POOLS[key], offset, buf.device)
     return buf
 
 
