@@ -49,6 +49,8 @@ def mutated_args(node: fx.Node) -> list:
             v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
             if isinstance(v, fx.Node):
                 out.append(v)
+            elif isinstance(v, (list, tuple)):   # Tensor(a!)[]: the _foreach_*_ ops
+                out.extend(x for x in v if isinstance(x, fx.Node))
     for i in HIDDEN_MUTATION.get(node.target, ()):
         if i < len(node.args) and isinstance(node.args[i], fx.Node):
             out.append(node.args[i])

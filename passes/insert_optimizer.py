@@ -7,7 +7,20 @@ index list, a gathered copy written back with ``index_copy_``. Optimizer state e
 trained rows. New placeholders: one per state tensor (after the buffers) and one per optimizer
 scalar (0-d float64, shared by all tensors). The graph's output becomes the loss alone.
 
-Nodes added here carry ``meta['pockc.role'] = 'update'`` and ``meta['pockc.param'] = name``.
+Many small trained vectors (``FOREACH_MIN_TENSORS`` or more 0-d/1-d tensors of at most
+``FOREACH_MAX_NUMEL`` elements each, whole or a row slice, of one dtype and device: biases and
+norm affines, e.g. the 105 of a bias-only MobileNetV2) are updated together by the optimizer's
+``update_foreach``: one ``torch._foreach_*`` op per arithmetic step for the whole list instead of
+one op per tensor. Their arithmetic is tiny; what the per-tensor form costs is per-op dispatch
+(measured, 105 SGD-momentum updates of bias vectors, 1 thread: 3.1 ms per step as per-tensor ops,
+1.3 ms as foreach ops). The group runs once the last of its gradients is final
+(passes.schedule_updates), so those small gradients live a little longer (bias-only
+MobileNetV2, b2 64px: planned peak +80 bytes); weight matrices and kernels keep the per-tensor
+update right after their own gradient, which frees their gradients early. Both forms apply the
+same elementwise ops to each tensor (runtime/optim.py): the results are bit-identical.
+
+Nodes added here carry ``meta['pockc.role'] = 'update'`` and ``meta['pockc.param'] = name`` (for a
+foreach group: ``'foreach[first name..]'``, and ``meta['pockc.params']`` lists every name).
 """
 from __future__ import annotations
 
@@ -34,6 +47,8 @@ def _shape_free(gm: fx.GraphModule) -> bool:
 
 
 _UPDATE_CACHE: dict = {}
+FOREACH_MAX_NUMEL = 16384   # elements: below this a tensor's update costs more in dispatch than in arithmetic
+FOREACH_MIN_TENSORS = 16    # fewer small tensors than this save too little (~5 us a tensor) to group
 
 
 def _update_graph(optimizer, shape, pdtype, gdtype, state_names, scalar_names):
@@ -64,7 +79,41 @@ def _trace_update(optimizer, shape, pdtype, gdtype, state_names, scalar_names):
     return make_fx(fn, tracing_mode="fake")(*args)
 
 
-def insert_optimizer(gm: fx.GraphModule, layout, optimizer) -> PassResult:
+def _trace_foreach(optimizer, gvals, pdtype, state_names, scalar_names):
+    n = len(gvals)
+
+    def fn(*flat):
+        ps, gs = list(flat[:n]), list(flat[n:2 * n])
+        states = {name: list(flat[2 * n + k * n: 2 * n + (k + 1) * n]) for k, name in enumerate(state_names)}
+        rest = flat[(2 + len(state_names)) * n:]
+        optimizer.update_foreach(ps, gs, states, dict(zip(scalar_names, rest)))
+        return None
+
+    args = [torch.empty(tuple(g.shape), dtype=pdtype) for g in gvals]
+    args += [torch.empty(tuple(g.shape), dtype=g.dtype) for g in gvals]
+    args += [torch.empty(tuple(g.shape), dtype=pdtype) for _ in state_names for g in gvals]
+    args += [torch.zeros((), dtype=torch.float64) for _ in scalar_names]
+    return make_fx(fn, tracing_mode="fake")(*args)
+
+
+def foreach_groups(layout, grads, param_vals, optimizer, max_numel=None, min_tensors=None) -> list:
+    """Lists of gradient indices to update together with ``update_foreach`` (see the docstring)."""
+    max_numel = FOREACH_MAX_NUMEL if max_numel is None else max_numel
+    min_tensors = FOREACH_MIN_TENSORS if min_tensors is None else min_tensors
+    if not getattr(optimizer, "has_foreach", False):
+        return []
+    by_kind = {}
+    for i, ((name, sel), g) in enumerate(zip(layout.grads, grads)):
+        gval, pval = g.meta.get("val"), param_vals[name]
+        if (gval is None or gval.dim() > 1 or gval.numel() > max_numel
+                or (sel is not None and sel[0] != "slice")):
+            continue
+        by_kind.setdefault((pval.dtype, gval.dtype, gval.device), []).append(i)
+    return [idx for idx in by_kind.values() if len(idx) >= min_tensors]
+
+
+def insert_optimizer(gm: fx.GraphModule, layout, optimizer, foreach_max_numel=None,
+                     foreach_min_tensors=None) -> PassResult:
     graph = gm.graph
     groups = layout.placeholders(graph)
     param_ph = dict(zip(layout.params, groups["params"]))
@@ -101,7 +150,32 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer) -> PassResult:
     scalar_ph = {s: add_placeholder(f"opt_{s}", scalar_val) for s in scalar_names}
     layout.scalars = list(scalar_names)
 
-    for (name, sel), g in zip(layout.grads, grads):
+    groups_fe = foreach_groups(layout, grads, {n: ph.meta["val"] for n, ph in param_ph.items()}, optimizer,
+                               foreach_max_numel, foreach_min_tensors)
+    grouped = {i for idx in groups_fe for i in idx}
+    for idx in groups_fe:
+        before = set(graph.nodes)
+        names = [layout.grads[i][0] for i in idx]
+        with graph.inserting_before(out):
+            targets = []
+            for i in idx:
+                name, sel = layout.grads[i]
+                p = param_ph[name]
+                targets.append(p if sel is None else call(graph, aten.slice.Tensor, (p, 0, sel[1], sel[2])))
+            gvals = [grads[i].meta["val"] for i in idx]
+            sub = _trace_foreach(optimizer, gvals, param_ph[names[0]].meta["val"].dtype, state_names, scalar_names)
+            sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            inputs = (targets + [grads[i] for i in idx]
+                      + [state_ph[(nm, s)] for s in state_names for nm in names] + [scalar_ph[s] for s in scalar_names])
+            graph.graph_copy(sub.graph, dict(zip(sub_ph, inputs)))
+        label = f"foreach[{names[0]}..]"
+        for n in graph.nodes:
+            if n not in before:
+                n.meta.update({"pockc.role": "update", "pockc.param": label, "pockc.params": list(names)})
+
+    for i, ((name, sel), g) in enumerate(zip(layout.grads, grads)):
+        if i in grouped:
+            continue
         p = param_ph[name]
         before = set(graph.nodes)
         with graph.inserting_before(out):

@@ -7,7 +7,13 @@ Each optimizer describes, for one trained tensor (a whole parameter or its selec
   (learning rate, bias corrections); they enter the graph as 0-d float64 tensors, so changing
   ``optimizer.lr`` between steps takes effect without recompiling;
 * ``update(p, g, state, scalars)`` -- plain torch code, traced into the graph, that updates ``p``
-  and the state in place.
+  and the state in place;
+* ``update_foreach(ps, gs, states, scalars)`` -- the same arithmetic over lists of tensors with
+  ``torch._foreach_*`` ops (``states`` maps a state name to a list), one dispatch per operation for
+  the whole list: pockc uses it for many small trained tensors (biases, norm affines), whose
+  per-tensor updates cost more in per-op overhead than in arithmetic (see passes/insert_optimizer).
+  It applies the same elementwise ops as ``update`` to each tensor (on CPU a foreach op loops over
+  the list calling them), so the two forms give bit-identical results.
 
 The arithmetic follows torch.optim's single-tensor (``foreach=False``) code path operation by
 operation, so one compiled step matches ``torch.optim`` within float rounding.
@@ -34,6 +40,17 @@ class Optimizer:
 
     def update(self, p, g, state, s):
         raise NotImplementedError
+
+    def update_foreach(self, ps, gs, states, s):
+        raise NotImplementedError
+
+    @property
+    def has_foreach(self) -> bool:
+        """True when ``update_foreach`` is the list form of this class's ``update`` (a subclass that
+        overrides ``update`` alone keeps its per-tensor arithmetic)."""
+        def owner(name):
+            return next(c for c in type(self).__mro__ if name in c.__dict__)
+        return owner("update_foreach") is owner("update") is not Optimizer
 
     def to_dict(self) -> dict:
         return {"type": type(self).__name__, **asdict(self)}
@@ -105,6 +122,22 @@ class SGD(Optimizer):
             g = g.add(buf, alpha=self.momentum) if self.nesterov else buf
         p.addcmul_(g, s["neg_lr"])
 
+    def update_foreach(self, ps, gs, states, s):
+        if self.maximize:
+            gs = torch._foreach_neg(gs)
+        if self.weight_decay != 0:
+            gs = torch._foreach_add(gs, ps, alpha=self.weight_decay)
+        if self.momentum != 0:
+            bufs = states["momentum_buffer"]
+            torch._foreach_mul_(bufs, self.momentum)
+            if "grad_scale" in s:
+                torch._foreach_addcmul_(bufs, gs, [s["grad_scale"]] * len(gs))
+            else:
+                torch._foreach_add_(bufs, gs)
+            gs = torch._foreach_add(gs, bufs, alpha=self.momentum) if self.nesterov else bufs
+        # addcmul with the 0-d learning-rate tensor, as update() does, so both forms round alike
+        torch._foreach_addcmul_(ps, gs, [s["neg_lr"]] * len(ps))
+
 
 @dataclass
 class AdamW(Optimizer):
@@ -162,3 +195,24 @@ class AdamW(Optimizer):
         # p - step_size * exp_avg / denom, without a temporary as large as p: fold the step size
         # into denom (which is ours to overwrite) and use one addcdiv_.
         p.addcdiv_(exp_avg, denom.div_(s["neg_step_size"]))
+
+    def update_foreach(self, ps, gs, states, s):
+        beta1, beta2 = self.betas
+        if self.maximize:
+            gs = torch._foreach_neg(gs)
+        if self.weight_decay != 0:
+            torch._foreach_mul_(ps, s["decay"])
+        exp_avgs, exp_avg_sqs = states["exp_avg"], states["exp_avg_sq"]
+        torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - beta2)
+        if self.amsgrad:
+            second = states["max_exp_avg_sq"]
+            torch._foreach_maximum_(second, exp_avg_sqs)
+        else:
+            second = exp_avg_sqs
+        denom = torch._foreach_sqrt(second)
+        torch._foreach_div_(denom, s["bias_correction2_sqrt"])
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_div_(denom, s["neg_step_size"])
+        torch._foreach_addcdiv_(ps, exp_avgs, denom)
