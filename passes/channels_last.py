@@ -11,14 +11,15 @@ them and the in-place updates write into the parameters as they are.
 
 Applies when a 4-D floating-point batch input on CPU of at least 64x64 pixels feeds a 2-D
 convolution (directly or through other ops). Results match the NCHW step within float tolerance (kernels sum in another
-order). The clone costs one batch-sized copy.
+order). The clone costs one batch-sized copy. The fake values (``meta['val']``) downstream of the
+clone are recomputed so their strides are the channels-last ones the step will see.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from .fx_utils import PassResult, call
+from .fx_utils import PassResult, call, refresh_vals
 
 aten = torch.ops.aten
 # Images smaller than 64x64 stay NCHW: their activations are small enough that the layout buys
@@ -44,7 +45,7 @@ def _feeds_conv(node, limit=64) -> bool:
 def channels_last(gm: fx.GraphModule, layout) -> PassResult:
     graph = gm.graph
     batch = layout.placeholders(graph)["batch"]
-    changed = False
+    changed, converted = False, []
     for ph in batch:
         v = ph.meta.get("val")
         if not (isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() and v.device.type == "cpu"
@@ -58,8 +59,26 @@ def channels_last(gm: fx.GraphModule, layout) -> PassResult:
         cl.meta["pockc.role"] = "forward"
         for u in users:
             u.replace_input_with(ph, cl)
+        converted.append(cl)
         changed = True
     if changed:
         graph.lint()
         gm.recompile()
+        _refresh_layouts(gm, converted)
     return PassResult(gm, changed)
+
+
+def _refresh_layouts(gm: fx.GraphModule, starts) -> None:
+    """Recompute the fake values downstream of the converted inputs, so that their strides say
+    channels-last as the tensors at run time will be (later passes choose kernels by layout)."""
+    seen, todo = set(), list(starts)
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen and u.op == "call_function":
+                seen.add(u)
+                todo.append(u)
+    try:
+        refresh_vals(gm, seen)
+    except Exception:  # noqa: BLE001 -- a data-dependent op cannot re-run on fake values: keep old ones
+        pass

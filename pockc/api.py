@@ -11,12 +11,14 @@ import torch.fx as fx
 from pockc.budget import batch_size_of, select_under_budget
 from pockc.errors import CompileError
 from pockc.memory import BudgetError, StepMemory, format_bytes, parse_bytes
+from pockc.passes.activation_output import activation_output
 from pockc.passes.channels_last import channels_last
 from pockc.passes.fold_batchnorm import fold_batchnorm
 from pockc.passes.fx_utils import PassResult
 from pockc.passes.inplace_ops import inplace_ops
 from pockc.passes.insert_optimizer import insert_optimizer
 from pockc.passes.plan_memory import plan_memory
+from pockc.passes.pointwise_conv import pointwise_conv
 from pockc.passes.fuse_ce_backward import fuse_ce_backward
 from pockc.passes.prune_backward import prune_backward
 from pockc.passes.schedule_memory import schedule_memory
@@ -70,6 +72,8 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
         ("fuse_ce_backward", lambda g: fuse_ce_backward(g, min_classes=1024)),                           # CE grad in place over log-probs
         ("fold_batchnorm", lambda g: fold_batchnorm(g, layout)),        # frozen eval BN into its conv
         ("channels_last", lambda g: channels_last(g, layout)),          # NHWC activations on CPU
+        ("pointwise_conv", lambda g: pointwise_conv(g, layout)),        # NHWC 1x1 convs as one GEMM
+        ("activation_output", lambda g: activation_output(g, layout)),  # ReLU6 backward from its output
         ("insert_optimizer", lambda g: insert_optimizer(g, layout, optimizer)),  # in-place updates
         ("plan_memory(before)", lambda g: _record_peak_before(g, layout)),  # for the report
         ("schedule_updates", schedule_updates),                           # update right after grad
