@@ -26,6 +26,12 @@ cannot see the buffers of Inductor-generated code, so compiled variants report n
 uses the caching allocator's peak for every variant) plus pockc's planned peak where the step has
 a memory plan.
 
+malloc: a pockc CPU step raises glibc malloc's trim and mmap thresholds in its process so its
+working memory stays mapped between steps (runtime/heap.py). By default (``--malloc kept``) every
+variant's process gets the same raised thresholds before it builds anything, so the ratios measure
+the steps, not malloc's trimming; ``--malloc default`` leaves the baselines' processes with
+malloc's defaults (what a user running eager PyTorch has) while pockc's steps raise their own.
+
 Output: ``bench_<device>[_quick].json`` (machine, torch version, git commit, date, settings, every
 figure), ``.md`` (a table) and, when matplotlib is installed and ``--plot`` is given, ``.png``.
 """
@@ -44,6 +50,8 @@ import time
 from pathlib import Path
 
 MiB = 1024 * 1024
+MALLOC_MODES = ("kept", "default")
+KEPT_HEAP_BYTES = 1 << 30  # --malloc kept: every process keeps up to 2 GiB of free heap mapped
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" if (REPO / "benchmarks").is_dir() else Path("pockc_bench")
 
@@ -271,6 +279,9 @@ class _Worker:
 def worker_main(spec_json):
     """The process side: read commands on stdin, answer one JSON line each on stdout."""
     spec = json.loads(spec_json)
+    if spec.get("malloc", "kept") == "kept":  # the same thresholds in every variant's process
+        from pockc.runtime import heap
+        heap.keep_heap(KEPT_HEAP_BYTES)
     import torch
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -280,6 +291,8 @@ def worker_main(spec_json):
         w = _Worker(spec)
         ready = {"ready": True, "setup_s": w.setup_s, "planned_peak_bytes": w.planned_peak,
                  "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+        from pockc.runtime import heap
+        ready["malloc_thresholds"] = heap.thresholds()  # after set-up: a pockc step has raised its own
         if isinstance(w.runner, EagerStep):
             ready["torch_optim_foreach"] = w.runner.foreach
     except Exception as e:  # noqa: BLE001 -- reported to the parent as a skipped variant
@@ -349,7 +362,7 @@ def _summary(times_s):
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "samples": [round(m, 3) for m in ms]}
 
 
-def bench_config(model_spec, scheme, device, variants, steps, warmup, threads, bar=None):
+def bench_config(model_spec, scheme, device, variants, steps, warmup, threads, bar=None, malloc="kept"):
     """Time every variant of one (model, scheme), each in its own process, interleaved."""
     label, update = scheme[0], scheme[1]
     options = scheme[2] if len(scheme) > 2 else {}
@@ -367,7 +380,8 @@ def bench_config(model_spec, scheme, device, variants, steps, warmup, threads, b
         started = {}
         for v in wanted:
             spec = dict(model=model_spec["model"], sizes=model_spec["sizes"], optimizer=model_spec["optimizer"],
-                        update=update, options=options, variant=v, device=device, threads=threads, warmup=warmup)
+                        update=update, options=options, variant=v, device=device, threads=threads, warmup=warmup,
+                        malloc=malloc)
             started[v] = _Proc(spec, worker_env(v, threads))
         for v, pr in started.items():
             info = pr.read()
@@ -475,7 +489,7 @@ def git_commit():
 
 
 def run(quick=False, devices=None, models=None, schemes=None, variants=VARIANTS, steps=None, warmup=None,
-        threads=1, out_dir=None, name=None, progress=True, plot=False):
+        threads=1, out_dir=None, name=None, progress=True, plot=False, malloc="kept"):
     """Run the suite; write ``{name}.json`` / ``.md`` (and ``.png`` with ``plot``) per device and
     return the result dicts."""
     from tqdm import tqdm
@@ -495,7 +509,7 @@ def run(quick=False, devices=None, models=None, schemes=None, variants=VARIANTS,
     for device in devices:
         res = {"benchmark": "pockc bench", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "git_commit": git_commit(), "machine": machine_info(device),
-               "settings": {"quick": quick, "steps": steps, "warmup": warmup, "threads": threads,
+               "settings": {"quick": quick, "steps": steps, "warmup": warmup, "threads": threads, "malloc": malloc,
                             "variants": list(variants), "timing": "one process per variant, rounds of one "
                             "step per process, starting process rotated per round"},
                "models": {}, "skipped": []}
@@ -509,7 +523,7 @@ def run(quick=False, devices=None, models=None, schemes=None, variants=VARIANTS,
                         res["skipped"].append(f"{s['label']} {sc[0]}: pockc.finetune / LoraConfig not available")
                         bar.update(1)
                         continue
-                    rows.append(bench_config(s, sc, device, variants, steps, warmup, threads, bar))
+                    rows.append(bench_config(s, sc, device, variants, steps, warmup, threads, bar, malloc))
                     bar.update(1)
                 res["models"][s["label"]] = {"model": s["model"], "sizes": s["sizes"], "optimizer": s["optimizer"],
                                              "configs": rows}
@@ -613,7 +627,7 @@ def markdown(res) -> str:
              "every variant in its own process, timed in interleaved rounds. Ratios: baseline median / pockc "
              "median (> 1: pockc faster). Peak: MiB of tensor storage allocated during one step (parameters, "
              "buffers, optimizer state excluded); n/a where the CPU tracker cannot see Inductor buffers. "
-             "Setup: build + compile + warm-up seconds.", "",
+             "Setup: build + compile + warm-up seconds. " + MALLOC_NOTE[st.get("malloc", "kept")], "",
              tabulate(rows, headers=headers, tablefmt="github"), ""]
     for c in res["claims"]:
         lines.append(f"- {'PASS' if c['pass'] else 'FAIL'}: {c['claim']} ({c['model']}, {c['scheme']}): "
@@ -625,6 +639,13 @@ def markdown(res) -> str:
     for m, lab, v, e in errors:
         lines.append(f"- error: {m} {lab} {v}: {e}")
     return "\n".join(lines) + "\n"
+
+
+MALLOC_NOTE = {
+    "kept": "malloc: the same raised trim/mmap thresholds in every process (--malloc kept).",
+    "default": "malloc: defaults in the baselines' processes; pockc's steps raise their own thresholds "
+               "(--malloc default: what a user gets).",
+}
 
 
 def _plot(res, path):
@@ -677,6 +698,9 @@ def add_arguments(ap):
     ap.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT})")
     ap.add_argument("--name", default=None, help="output file stem (default bench_<device>[_quick])")
     ap.add_argument("--plot", action="store_true", help="also write a .png (needs matplotlib)")
+    ap.add_argument("--malloc", choices=MALLOC_MODES, default="kept",
+                    help="kept (default): the same raised glibc malloc thresholds in every variant's process; "
+                         "default: malloc's defaults for the baselines, pockc's steps raise their own")
     ap.add_argument("--no-progress", action="store_true")
 
 
@@ -693,7 +717,7 @@ def main_args(a):
         if missing:
             raise ValueError(f"device(s) {missing} not available here; present: {', '.join(present)}")
     results = run(a.quick, devices, split(a.models), split(a.schemes), variants, a.steps, a.warmup, a.threads,
-                  a.out, a.name, not a.no_progress, a.plot)
+                  a.out, a.name, not a.no_progress, a.plot, a.malloc)
     for res in results:
         print(markdown(res))
     return 0

@@ -57,12 +57,14 @@ def test_matches_eager(model, policy, opt):
             steps, tol = 1, dict(rtol=1e-4, atol=1e-5)
     else:
         ex = zoo.ZOO[model]()
-    if model == "mobilenet_v2" and policy == "full":
+    if model == "mobilenet_v2" and (policy == "full" or opt == "sgd"):
         # At batch 2 and 32x32 its loss is extremely sharp (one SGD step moves weights by up to
         # 27) and some BN biases have ~0 true gradient: in float32 the fused cross-entropy
         # backward's exp kernel, an ulp away from the one inside _log_softmax_backward_data,
         # leaves SGD parameters 1e-7 apart after step 1 and the step-2 loss 11% apart, and gives
-        # AdamW different noise to normalize. Checked in float64, where rounding is 1e-16.
+        # AdamW different noise to normalize. Checked in float64, where rounding is 1e-16. The
+        # same holds over 3 SGD steps for the other policies: with one intra-op thread (the test
+        # workers' setting) channels:0.25 ends 2e-3 relative apart in float32 on a few elements.
         ex.model.double()
         ex.example_batch = tuple(b.double() if b.is_floating_point() else b for b in ex.example_batch)
     m_c, m_e, original, step, lc, le = compiled_and_eager(ex, _policy(model, policy), optimizer, steps=steps)
