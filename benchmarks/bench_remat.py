@@ -63,7 +63,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -352,47 +351,6 @@ def worker_main(spec_json):
         out.flush()
 
 
-class _Proc:
-    """A worker process; its stderr goes to a file (a pipe nobody reads could fill and block it)."""
-
-    def __init__(self, spec, env):
-        self.spec, self.times = spec, []
-        self.err = tempfile.TemporaryFile(mode="w+")
-        self.p = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_remat", "--worker", json.dumps(spec)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
-                                  env=env, cwd=str(REPO))
-
-    def read(self):
-        line = self.p.stdout.readline()
-        if not line:
-            self.p.wait()
-            self.err.seek(0)
-            return {"ready": False, "error": f"worker exited ({self.p.returncode}): {self.err.read()[-800:].strip()}"}
-        return json.loads(line)
-
-    def ask(self, cmd):
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self.read()
-
-    def close(self):
-        try:
-            self.p.stdin.write("quit\n")
-            self.p.stdin.flush()
-        except OSError:
-            pass
-        try:
-            self.p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-        for f in (self.p.stdin, self.p.stdout, self.err):
-            try:
-                f.close()
-            except OSError:
-                pass
-
-
 def _env(method, threads, cache_dir, rss=False):
     """pockc.bench's worker environment; torch.compile's caches in a directory of this run's own
     (each configuration compiles once per run: its timed process misses the caches and runs the
@@ -410,13 +368,15 @@ def _env(method, threads, cache_dir, rss=False):
 def bench_model(name, sizes, fractions, ambs, steps, threads, cache_dir, warmup=2, remat="auto",
                 baselines=("eager", "checkpoint"), log=print):
     """Every configuration of one model, each in its own process; rows in a fixed order."""
+    from pockc.bench import WorkerProcess
     base_spec = dict(model=name, sizes=sizes, threads=threads, warmup=warmup, remat=remat)
     rows, procs = [], []
 
     def start(row, spec):
         t0 = time.perf_counter()
         row["spec"] = spec
-        pr = _Proc(dict(base_spec, **spec), _env(spec["method"], threads, cache_dir))
+        pr = WorkerProcess(dict(base_spec, **spec), _env(spec["method"], threads, cache_dir),
+                           "benchmarks.bench_remat")
         info = pr.read()
         row.update({k: v for k, v in info.items() if k != "ready"}, wall_setup_s=time.perf_counter() - t0)
         rows.append(row)
@@ -465,7 +425,8 @@ def bench_model(name, sizes, fractions, ambs, steps, threads, cache_dir, warmup=
     # RSS: one process per configuration with glibc's RSS_ENV (not the timed one: that malloc
     # setting maps and unmaps every large block, which would slow the timed steps)
     for row, _ in procs:
-        pr = _Proc(dict(base_spec, **row["spec"]), _env(row["method"], threads, cache_dir, rss=True))
+        pr = WorkerProcess(dict(base_spec, **row["spec"]), _env(row["method"], threads, cache_dir, rss=True),
+                           "benchmarks.bench_remat")
         try:
             info = pr.read()
             got = pr.ask("rss") if info.get("ready") else {"rss_error": info.get("error")}

@@ -46,6 +46,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -312,19 +313,24 @@ def worker_main(spec_json):
         out.flush()
 
 
-class _Proc:
-    def __init__(self, spec, env):
-        self.spec = spec
-        self.p = subprocess.Popen([sys.executable, "-m", "pockc.bench", "--worker", json.dumps(spec)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env, cwd=str(REPO))
-        self.times = []
+class WorkerProcess:
+    """A benchmark worker process speaking one JSON line per command (``python -m module --worker
+    SPEC``). Its stderr goes to a temporary file: a pipe nobody reads while the parent times other
+    processes could fill up (compiler warnings) and block the worker."""
+
+    def __init__(self, spec, env, module="pockc.bench"):
+        self.spec, self.times = spec, []
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.p = subprocess.Popen([sys.executable, "-m", module, "--worker", json.dumps(spec)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                  env=env, cwd=str(REPO))
 
     def read(self):
         line = self.p.stdout.readline()
         if not line:
-            err = self.p.stderr.read()[-800:]
-            return {"ready": False, "error": f"worker exited: {err.strip()}"}
+            self.p.wait()
+            self.err.seek(0)
+            return {"ready": False, "error": f"worker exited ({self.p.returncode}): {self.err.read()[-800:].strip()}"}
         return json.loads(line)
 
     def ask(self, cmd):
@@ -336,12 +342,18 @@ class _Proc:
         try:
             self.p.stdin.write("quit\n")
             self.p.stdin.flush()
-            self.p.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
+        except OSError:
+            pass
+        try:
+            self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             self.p.kill()
             self.p.wait()
-        for f in (self.p.stdout, self.p.stderr):
-            f.close()
+        for f in (self.p.stdin, self.p.stdout, self.err):
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def worker_env(variant, threads):
@@ -382,7 +394,7 @@ def bench_config(model_spec, scheme, device, variants, steps, warmup, threads, b
             spec = dict(model=model_spec["model"], sizes=model_spec["sizes"], optimizer=model_spec["optimizer"],
                         update=update, options=options, variant=v, device=device, threads=threads, warmup=warmup,
                         malloc=malloc)
-            started[v] = _Proc(spec, worker_env(v, threads))
+            started[v] = WorkerProcess(spec, worker_env(v, threads))
         for v, pr in started.items():
             info = pr.read()
             if info.get("ready"):
