@@ -279,9 +279,9 @@ class _Worker:
 
 def worker_main(spec_json):
     """The process side: read commands on stdin, answer one JSON line each on stdout."""
+    from pockc.runtime import heap
     spec = json.loads(spec_json)
     if spec.get("malloc", "kept") == "kept":  # the same thresholds in every variant's process
-        from pockc.runtime import heap
         heap.keep_heap(KEPT_HEAP_BYTES)
     import torch
     if spec.get("threads"):
@@ -292,7 +292,6 @@ def worker_main(spec_json):
         w = _Worker(spec)
         ready = {"ready": True, "setup_s": w.setup_s, "planned_peak_bytes": w.planned_peak,
                  "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-        from pockc.runtime import heap
         ready["malloc_thresholds"] = heap.thresholds()  # after set-up: a pockc step has raised its own
         if isinstance(w.runner, EagerStep):
             ready["torch_optim_foreach"] = w.runner.foreach

@@ -58,7 +58,10 @@ class TrainStep:
         self._lowered = {}     # id(graph) -> callable, for backends other than aten
         self._fast = {}        # (id(graph), id of its forward) -> its copy with fast bindings (aten)
         self._heap_kept = set()  # id(graph) whose working memory runtime/heap.py keeps mapped
-        self._paths = None       # per input tensor: (module path, attribute, is a parameter)
+        # per input tensor of the model: (module path, attribute, is a parameter), in layout order
+        k = len(layout.params) + len(layout.frozen)
+        self._paths = [(n.split(".")[:-1], n.split(".")[-1], i < k)
+                       for i, n in enumerate((*layout.params, *layout.frozen, *layout.buffers))]
         if state is None:
             params = dict(model.named_parameters())
             state = {}
@@ -106,10 +109,6 @@ class TrainStep:
     def inputs(self, batch) -> list:
         """The flat list of tensors the graph takes for ``batch``."""
         lay = self.layout
-        if getattr(self, "_paths", None) is None:
-            split = [(n.split(".")[:-1], n.split(".")[-1]) for n in (*lay.params, *lay.frozen, *lay.buffers)]
-            k = len(lay.params) + len(lay.frozen)
-            self._paths = [(path, leaf, i < k) for i, (path, leaf) in enumerate(split)]
         # Each tensor is looked up through the module tree as it is now (a parameter or a submodule
         # replaced since compiling is picked up, as named_parameters() would), without walking
         # every module: that walk cost ~1 ms per step for MobileNetV2.
@@ -136,8 +135,9 @@ class TrainStep:
 
     def _keep_heap(self, gm, inputs):
         """On CPU, keep the step's working memory mapped between calls (runtime/heap.py)."""
+        from .backends import device_of
         self._heap_kept.add(id(gm))
-        if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in inputs):
+        if device_of(inputs) != "cpu":
             return
         plan = getattr(getattr(self, "memory", None), "plan", None)
         if plan is not None and gm is self._graphs[self._signature]:
