@@ -6,7 +6,7 @@
 >>> loss = step(x, y)                                                  # doctest: +SKIP
 """
 from pockc.api import compile, graph_stats
-from pockc.errors import BatchError, BudgetError, CompileError, PlanError
+from pockc.errors import BatchError, BudgetError, CompileError, PlanError, StepError
 from pockc.plan import Rule, UpdatePlan, resolve_update
 from pockc.runtime.optim import SGD, AdamW, Optimizer
 from pockc.scoring import LayerScores, score_layers
@@ -15,7 +15,7 @@ from pockc.finetune import FinetuneStep, finetune  # noqa: E402  (LLM fine-tunin
 from pockc.lora import LoraConfig, load_adapter, merge_lora  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["compile", "graph_stats", "CompileError", "PlanError", "BudgetError", "BatchError", "UpdatePlan", "Rule",
+__all__ = ["compile", "graph_stats", "CompileError", "PlanError", "BudgetError", "BatchError", "StepError", "UpdatePlan", "Rule",
            "resolve_update", "SGD", "AdamW", "Optimizer", "TrainStep"]
 __all__ += ["score_layers", "LayerScores"]
 __all__ += ["finetune", "FinetuneStep", "LoraConfig", "load_adapter", "merge_lora"]

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -13,6 +13,7 @@ from pockc.errors import CompileError
 from pockc.memory import BudgetError, StepMemory, format_bytes, parse_bytes
 from pockc.passes.activation_output import activation_output
 from pockc.passes.channels_last import channels_last
+from pockc.passes.defer_writes import defer_writes
 from pockc.passes.fold_batchnorm import fold_batchnorm
 from pockc.passes.fx_utils import PassResult
 from pockc.passes.inplace_ops import inplace_ops
@@ -25,6 +26,7 @@ from pockc.passes.schedule_memory import schedule_memory
 from pockc.passes.schedule_updates import schedule_updates
 from pockc.plan import UpdatePlan, resolve_update
 from pockc.runtime import backends as _backends
+from pockc.runtime.batch import batch_tensors
 from pockc.runtime.optim import SGD, Optimizer
 from pockc.runtime.train_step import TrainStep
 from pockc.trace import analyze_forward, trace_joint
@@ -35,10 +37,12 @@ def _check_inputs(model, loss_fn, example_batch, optimizer):
         raise CompileError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise CompileError("loss_fn must be a callable loss_fn(model, *batch) -> scalar tensor")
-    if isinstance(example_batch, torch.Tensor):
-        example_batch = (example_batch,)
-    if not isinstance(example_batch, (tuple, list)) or not any(isinstance(b, torch.Tensor) for b in example_batch):
-        raise CompileError("example_batch must be a tuple of tensors, e.g. (x, y)")
+    if isinstance(example_batch, (torch.Tensor, Mapping)):
+        example_batch = (example_batch,)       # one argument: loss_fn(model, x) / loss_fn(model, batch)
+    if not isinstance(example_batch, (tuple, list)) or not batch_tensors(example_batch):
+        raise CompileError("example_batch must be a tuple of the arguments loss_fn takes after the model, with at "
+                           "least one tensor, e.g. (x, y) or (batch,) for a dict batch; got "
+                           f"{type(example_batch).__name__}")
     if optimizer is None:
         optimizer = SGD(lr=1e-3)
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -77,6 +81,7 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
         ("insert_optimizer", lambda g: insert_optimizer(g, layout, optimizer)),  # in-place updates
         ("plan_memory(before)", lambda g: _record_peak_before(g, layout)),  # for the report
         ("schedule_updates", schedule_updates),                           # update right after grad
+        ("defer_writes", lambda g: defer_writes(g, layout)),             # no state written before the loss
     ] + ([("schedule_memory", lambda g: schedule_memory(g, layout)),   # reorder for a lower peak
           ("inplace_ops", lambda g: inplace_ops(g, layout))] if schedule else []))  # reuse dying inputs
     return gm, layout
@@ -222,10 +227,11 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
         warnings.warn(f"pockc: trained parameters with no path to the loss get no update: {layout.unused}",
                       stacklevel=2)
 
-    def recompile(new_batch):
-        g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, optimizer)
+    def recompile(new_batch, opt):
+        g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, opt)
         if lay.to_dict() != layout.to_dict():
-            raise CompileError("recompiling for a new batch shape changed the step's inputs; compile again")
+            raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
+                               "inputs (a submodule with other parameters?); compile again")
         if remat_report is not None:   # recompute the same tensors in the new shapes
             from pockc.passes.rematerialize import rematerialize
             g = rematerialize(g, lay, None, recompute=remat_report.recomputed,

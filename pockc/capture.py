@@ -57,7 +57,7 @@ def export_loss(model, loss_fn, batch):
     def replay(m, *b):
         values = {f"model.{n}": get(m) for n, get in getters.items()}
         return torch.func.functional_call(unlifted, values, tuple(_split_batch(b)), strict=False,
-                                          tie_weights=False)
+                                          tie_weights=True)
 
     replay.exported_program = ep
     return replay, order

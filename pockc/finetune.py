@@ -258,12 +258,13 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
                       stacklevel=3)
     how = used
 
-    def recompile(new_batch):
+    def recompile(new_batch, opt):
         new_batch = tuple(new_batch)
         fn = export_loss(model, loss_fn, new_batch)[0] if how == "export" else loss_fn
-        g, lay = build_graph(model, fn, new_batch, plan, optimizer)
+        g, lay = build_graph(model, fn, new_batch, plan, opt)
         if lay.to_dict() != layout.to_dict():
-            raise CompileError("recompiling for a new batch shape changed the step's inputs; call finetune again")
+            raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
+                               "inputs; call finetune again")
         return g
 
     step = FinetuneStep(model, gm, layout, optimizer, plan, batch, recompile)

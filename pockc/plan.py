@@ -113,9 +113,11 @@ class UpdatePlan:
     ['fc.bias', 'fc.weight']
     """
 
-    def __init__(self, rules: dict, shapes: dict | None = None):
+    def __init__(self, rules: dict, shapes: dict | None = None, ties: dict | None = None):
         self.rules = {k: Rule.parse(v) for k, v in rules.items()}
         self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
+        # parameter -> the other names of the same tensor (tied weights: its gradient sums every use)
+        self.ties = {k: list(v) for k, v in (ties or {}).items() if v}
 
     # -- queries -------------------------------------------------------------------------
     def rule(self, name) -> Rule:
@@ -152,10 +154,14 @@ class UpdatePlan:
             r = self.rule(name)
             if r.kind == "frozen":
                 continue
-            rows.append([name, "x".join(map(str, shape)) or "scalar", str(r), f"{self.trained_numel(name):,}"])
+            shown = name + "".join(f" = {a}" for a in self.ties.get(name, ()))
+            rows.append([shown, "x".join(map(str, shape)) or "scalar", str(r), f"{self.trained_numel(name):,}"])
         frozen = sum(1 for n in self.shapes if self.rule(n).kind == "frozen")
+        tied = [n for n in self.ties if self.rule(n).kind != "frozen"]
+        note = (f"\n{len(tied)} tied tensor(s) ('a = b': one tensor under several names; its gradient is "
+                f"the sum over every use)") if tied else ""
         body = tabulate(rows, headers=["parameter", "shape", "rule", "trained"], tablefmt=fmt) if rows else "(nothing trained)"
-        return f"{body}\n{frozen} parameter tensors frozen\n{self.summary()}"
+        return f"{body}{note}\n{frozen} parameter tensors frozen\n{self.summary()}"
 
     def __str__(self):
         return self.table()
@@ -168,10 +174,13 @@ class UpdatePlan:
 
     # -- serialization -------------------------------------------------------------------
     def to_dict(self):
-        return {
+        d = {
             "rules": {n: str(self.rule(n)) for n in self.shapes or self.rules},
             "shapes": {n: list(s) for n, s in self.shapes.items()},
         }
+        if self.ties:
+            d["ties"] = self.ties
+        return d
 
     def to_json(self, path=None):
         text = json.dumps(self.to_dict(), indent=1)
@@ -182,7 +191,7 @@ class UpdatePlan:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(d["rules"], d.get("shapes"))
+        return cls(d["rules"], d.get("shapes"), d.get("ties"))
 
     @classmethod
     def from_json(cls, path_or_text):
@@ -288,11 +297,32 @@ def match_pattern(pattern, names) -> list:
     return hits
 
 
+def parameter_names(model):
+    """(names, canonical): ``names`` lists every name a parameter is reachable under (a tied weight,
+    ``head.weight = emb.weight``, has several), ``canonical`` maps each to the name
+    ``model.named_parameters()`` gives that tensor (its first)."""
+    first, canonical = {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        canonical[n] = first.setdefault(id(p), n)
+    return list(canonical), canonical
+
+
+def tied_parameters(model) -> dict:
+    """Canonical parameter name -> its other names, for parameters tied under several names."""
+    ties = {}
+    for n, c in parameter_names(model)[1].items():
+        if n != c:
+            ties.setdefault(c, []).append(n)
+    return ties
+
+
 def resolve_update(update, model, exec_order=None) -> UpdatePlan:
     """Turn a policy into an UpdatePlan for ``model``. ``exec_order`` lists module names in the
-    order a forward pass first calls them (used by ``last:K`` and ``head``)."""
+    order a forward pass first calls them (used by ``last:K`` and ``head``). A tied parameter is one
+    tensor: a rule naming any of its names applies to it."""
     params = dict(model.named_parameters())
     names = list(params)
+    all_names, canonical = parameter_names(model)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     exec_order = exec_order if exec_order is not None else [n for n, _ in model.named_modules()]
     rules: dict = {}
@@ -301,26 +331,26 @@ def resolve_update(update, model, exec_order=None) -> UpdatePlan:
         raise PlanError("empty update policy")
     for item in items:
         if isinstance(item, UpdatePlan):
-            unknown = [n for n in item.rules if n not in params]
+            unknown = [n for n in item.rules if n not in canonical]
             if unknown:
                 raise PlanError(f"UpdatePlan names parameters the model does not have: {unknown[:5]}; "
                                 f"closest: {_closest(unknown[0], names)}")
-            rules.update(item.rules)
+            rules.update({canonical[n]: r for n, r in item.rules.items()})
         elif isinstance(item, str):
             if not item.strip():
                 raise PlanError("empty update policy string")
             for part in item.split("+"):
-                rules.update(_preset(model, names, part, exec_order))
+                rules.update({canonical[n]: r for n, r in _preset(model, names, part, exec_order).items()})
         elif isinstance(item, dict):
             for pattern, value in item.items():
                 rule = Rule.parse(value)
-                for n in match_pattern(pattern, names):
+                for n in dict.fromkeys(canonical[a] for a in match_pattern(pattern, all_names)):
                     rule.selection(shapes[n])  # validates indices against this tensor
                     rules[n] = rule
         else:
             raise PlanError(f"update must be a preset string, a dict, an UpdatePlan or a list of them, "
                             f"not {type(item).__name__}")
-    plan = UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes)
+    plan = UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes, tied_parameters(model))
     for n in names:
         if plan.rule(n).kind != "frozen" and not params[n].is_floating_point():
             raise PlanError(f"parameter {n!r} has dtype {params[n].dtype} and cannot be trained")

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from pockc.errors import CompileError
+from pockc.runtime.batch import batch_tensors, rebuild_batch
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _POCKC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +93,7 @@ def _module_tracker(model):
 
 
 def _user_frame(exc):
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = getattr(exc, "pockc_frames", None) or traceback.extract_tb(exc.__traceback__)
     for fr in reversed(frames):
         f = os.path.abspath(fr.filename)
         if not f.startswith(_TORCH_DIR) and not f.startswith(os.path.join(_POCKC_DIR, "pockc")) \
@@ -106,7 +107,9 @@ def _explain(exc, stack, what):
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
     data_dep = ("DataDependent" in name or "GuardOnDataDependent" in name or "DynamicOutputShape" in name
                 or "data-dependent" in str(exc).lower() or "data dependent" in str(exc).lower())
-    if data_dep:
+    if isinstance(exc, _OpCheck):
+        reason, hint = exc.reason, exc.hint
+    elif data_dep:
         reason = ("data-dependent Python control flow or a tensor value read on the host "
                   "(if on a tensor, .item(), .tolist(), nonzero, boolean-mask indexing)")
         hint = "make the control flow depend on shapes only, or use torch.where / masking instead"
@@ -123,6 +126,66 @@ def _explain(exc, stack, what):
     return CompileError(f"cannot {what}{where}{at}: {reason}; {hint}")
 
 
+class _OpCheck(Exception):
+    """An op that would fail or be wrong at run time, found while tracing (see _OpChecks)."""
+
+    def __init__(self, reason, hint):
+        super().__init__(reason)
+        self.reason, self.hint = reason, hint
+        self.pockc_frames = traceback.extract_stack()
+
+
+_F = torch.nn.functional
+# Functions whose kernels need every floating-point operand in one dtype (meta kernels do not
+# check it, so a traced graph would fail only at its first real step).
+_SAME_DTYPE = {_F.linear, _F.bilinear, _F.conv1d, _F.conv2d, _F.conv3d, _F.conv_transpose1d, _F.conv_transpose2d,
+               _F.conv_transpose3d, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.mv,
+               torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.Tensor.matmul, torch.Tensor.mm,
+               torch.Tensor.bmm, torch.einsum}
+
+
+def _dtype_name(dt):
+    return str(dt).replace("torch.", "")
+
+
+class _OpChecks(torch.overrides.TorchFunctionMode):
+    """While the loss is traced under fake tensors: an op whose operands' dtypes differ (an int64 or
+    float64 batch into a float32 Linear), and an op whose output shape depends on tensor values
+    (nonzero, boolean-mask indexing), become one actionable error naming the module and line."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SAME_DTYPE and not _autocast():
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            kinds = {t.dtype for t in tensors if t.dtype != torch.bool}
+            if len(kinds) > 1:
+                dts = ", ".join(_dtype_name(t.dtype) for t in tensors)
+                raise _OpCheck(f"{getattr(func, '__name__', func)} gets operands of different dtypes ({dts})",
+                               "cast the batch to the model's dtype (e.g. x.float()) or the model to the batch's "
+                               "(model.double()) before compiling")
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _unbacked(t):
+                raise _OpCheck(f"{getattr(func, '__name__', func)} returns a tensor whose shape depends on the "
+                               "values of its input (data-dependent shape: nonzero, boolean-mask indexing, "
+                               "unique, masked_select)",
+                               "a compiled step has static shapes: use torch.where or multiply by a mask "
+                               "instead of selecting elements")
+        return out
+
+
+def _autocast():
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+
+
+def _unbacked(t):
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    try:
+        return bool(free_unbacked_symbols(t.shape))
+    except Exception:  # noqa: BLE001 -- a tensor subclass without symbolic sizes
+        return False
+
+
 def _check_loss(loss):
     if not isinstance(loss, torch.Tensor):
         raise CompileError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
@@ -134,21 +197,21 @@ def _check_loss(loss):
 
 
 def _split_batch(batch):
-    """Batch tensors are graph inputs; other values (ints, None, strings) are baked in."""
-    tensors = [b for b in batch if isinstance(b, torch.Tensor)]
-    return tensors
+    """Every tensor leaf of the batch, however nested, is a graph input; other leaves (ints, None,
+    strings) are baked in and part of the batch signature (runtime/batch.py)."""
+    return batch_tensors(batch)
 
 
 def _rebuild_batch(batch, tensors):
-    it = iter(tensors)
-    return tuple(next(it) if isinstance(b, torch.Tensor) else b for b in batch)
+    return tuple(rebuild_batch(tuple(batch), tensors))
 
 
 def _make_fx(fn, args, model, what):
     with _module_tracker(model) as (order, stack), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
+            with _OpChecks():
+                gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
         except CompileError:
             raise
         except Exception as e:  # noqa: BLE001 -- translated into an actionable message
@@ -172,7 +235,7 @@ def analyze_forward(model, loss_fn, batch):
     def fwd(*flat):
         state = dict(zip(keys, flat[:len(keys)]))
         loss = torch.func.functional_call(wrapper, state, _rebuild_batch(batch, flat[len(keys):]),
-                                          strict=False, tie_weights=False)
+                                          strict=False, tie_weights=True)
         _check_loss(loss)
         return loss
 
@@ -206,7 +269,7 @@ def trace_joint(model, loss_fn, batch, plan):
         bt = flat[n_p + n_f + n_b:]
         with torch.enable_grad():
             loss = torch.func.functional_call(wrapper, values, _rebuild_batch(batch, bt), strict=False,
-                                              tie_weights=False)
+                                              tie_weights=True)
             _check_loss(loss)
             grads = torch.autograd.grad(loss, tp, allow_unused=True)
         outs = []

@@ -80,6 +80,23 @@ FAST_BINDINGS = {
 }
 
 
+def _detached(a):
+    return a.detach() if isinstance(a, torch.Tensor) else a
+
+
+def _rnn_layer_for_training(*args, **kwargs):
+    """``mkldnn_rnn_layer`` (the CPU LSTM kernel) returns the workspace its backward needs only
+    when grad mode is on; the step runs under no_grad (it updates parameters in place), so this
+    call turns grad mode on around it, over detached operands (no autograd graph is recorded)."""
+    with torch.enable_grad():
+        return aten.mkldnn_rnn_layer.default(*map(_detached, args), **{k: _detached(v) for k, v in kwargs.items()})
+
+
+# Ops whose forward saves what their backward needs only in grad mode: -> a call that does so.
+GRAD_MODE_OPS = {aten.mkldnn_rnn_layer.default: _rnn_layer_for_training} if hasattr(aten, "mkldnn_rnn_layer") else {}
+FAST_BINDINGS.update(GRAD_MODE_OPS)
+
+
 def fast_aten(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``gm`` that calls :data:`FAST_BINDINGS` where ``gm`` calls their aten overloads
     (``gm`` itself is left as it is: ``step.graph`` and ``step.code`` show the aten program)."""

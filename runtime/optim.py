@@ -21,7 +21,7 @@ operation, so one compiled step matches ``torch.optim`` within float rounding.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -31,6 +31,9 @@ class Optimizer:
 
     state_names: tuple = ()
     scalar_names: tuple = ()
+
+    def __post_init__(self):
+        """Checks of the hyperparameters (subclasses); also run when a step sees them changed."""
 
     def init_state(self, t: torch.Tensor) -> dict:
         return {n: torch.zeros_like(t, memory_format=torch.contiguous_format) for n in self.state_names}
@@ -52,6 +55,14 @@ class Optimizer:
             return next(c for c in type(self).__mro__ if name in c.__dict__)
         return owner("update_foreach") is owner("update") is not Optimizer
 
+    runtime_fields = ("lr",)   # enter the step as per-step scalars; every other field is traced in
+
+    def graph_key(self) -> tuple:
+        """What a traced update is specialized to: the class and every hyperparameter that is not a
+        per-step scalar (a change recompiles the step; ``lr`` does not)."""
+        return (type(self),) + tuple(_hashable(getattr(self, f.name)) for f in fields(self)
+                                     if f.name not in self.runtime_fields)
+
     def to_dict(self) -> dict:
         return {"type": type(self).__name__, **asdict(self)}
 
@@ -62,6 +73,10 @@ class Optimizer:
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _check(cond, msg):

@@ -9,30 +9,16 @@ This module imports torch and pockc.runtime only: a saved step runs without the 
 """
 from __future__ import annotations
 
+import signal
+import threading
 import warnings
 
 import torch
 
 from . import heap
-from .errors import BatchError
+from .batch import batch_signature, batch_tensors, describe_leaf, signature_difference
+from .errors import BatchError, StepError
 from .optim import Optimizer
-
-
-def batch_signature(batch) -> tuple:
-    """What a compiled step is specialized to: per element, (shape, dtype, device) or the value."""
-    sig = []
-    for b in batch:
-        if isinstance(b, torch.Tensor):
-            sig.append(("tensor", tuple(b.shape), b.dtype, b.device.type))
-        else:
-            sig.append(("const", repr(b)))
-    return tuple(sig)
-
-
-def _describe(sig):
-    if sig[0] == "tensor":
-        return f"{sig[2]} tensor of shape {list(sig[1])}".replace("torch.", "")
-    return f"constant {sig[1]}"
 
 
 class TrainStep:
@@ -41,6 +27,18 @@ class TrainStep:
     Attributes: ``graph`` (the torch.fx.GraphModule), ``code`` (its Python source over aten
     ops), ``update_plan``, ``optimizer`` (change ``step.optimizer.lr`` between steps freely),
     ``layout`` (the order of the graph's inputs), ``state`` (optimizer state tensors).
+
+    A compiled program is specialized to the batch signature (nesting, shapes, dtypes, constants),
+    to the model's modules and their train/eval mode, and to the optimizer's hyperparameters other
+    than ``lr``. A call that differs in any of them compiles (and caches) a step specialized to it,
+    with one warning per kind of change; a change that alters the step's inputs (another optimizer
+    class, momentum turned on) is a :class:`StepError`. Other Python attributes of the model
+    changed after compiling (``dropout.p``) are not seen: compile again.
+
+    A step either completes or, if it raises before its loss is computed (a label out of range),
+    leaves parameters and optimizer state as they were (passes/defer_writes.py). Ctrl-C during a
+    step takes effect once the step has finished (press it twice to stop at once). Calls from
+    several threads run one at a time.
     """
 
     def __init__(self, model, graph, layout, optimizer: Optimizer, update_plan=None,
@@ -49,10 +47,14 @@ class TrainStep:
         self.layout = layout
         self.optimizer = optimizer
         self.update_plan = update_plan
-        self._signature = batch_signature(example_batch)
-        self._graphs = {self._signature: graph}
+        self._signature = batch_signature(tuple(example_batch))
+        self._nargs = len(example_batch)
+        self._opt_names = (tuple(optimizer.state_names), tuple(optimizer.scalar_names))
+        self._key = (self._signature, module_key(model), optimizer.graph_key())
+        self._graphs = {self._key: graph}
         self._recompile = recompile
-        self._warned = False
+        self._warned = set()
+        self._lock = threading.Lock()
         self.step_count = 0
         self.backend = "aten"  # how the graph runs: runtime/backends.py (set by pockc.compile)
         self._lowered = {}     # id(graph) -> callable, for backends other than aten
@@ -73,7 +75,18 @@ class TrainStep:
     # -- the emitted program ---------------------------------------------------------------
     @property
     def graph(self):
-        return self._graphs[self._signature]
+        return self._graphs[self._key]
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, opt):
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"step.optimizer must be a pockc optimizer (pockc.SGD / pockc.AdamW), "
+                            f"not {type(opt).__name__}")
+        self._optimizer = opt
 
     @property
     def code(self) -> str:
@@ -82,29 +95,45 @@ class TrainStep:
     # -- running ---------------------------------------------------------------------------
     def _graph_for(self, batch):
         sig = batch_signature(batch)
-        gm = self._graphs.get(sig)
+        key = (sig, module_key(self.model), self.optimizer.graph_key())
+        gm = self._graphs.get(key)
         if gm is not None:
             return gm
-        ref = self._signature
-        if len(sig) != len(ref):
-            raise BatchError(f"batch has {len(sig)} elements, the step was compiled for {len(ref)}: "
-                             + ", ".join(_describe(s) for s in ref))
-        for i, (a, b) in enumerate(zip(sig, ref)):
-            if a[0] != b[0] or (a[0] == "const" and a != b):
-                raise BatchError(f"batch element {i} is a {_describe(a)}, the step was compiled for a {_describe(b)}")
-            if a[0] == "tensor" and (len(a[1]) != len(b[1]) or a[2] != b[2] or a[3] != b[3]):
-                raise BatchError(f"batch element {i} is a {_describe(a)} on {a[3]}, the step was compiled for a "
-                                 f"{_describe(b)} on {b[3]}: rank, dtype and device must match")
+        ref_sig, ref_modules, ref_opt = self._key
+        if len(batch) != self._nargs:
+            raise BatchError(f"batch has {len(batch)} elements, the step was compiled for {self._nargs}: "
+                             + ", ".join(f"batch{p}: {describe_leaf(s)}" for p, s in ref_sig[1]))
+        why = signature_difference(sig, ref_sig)
+        if why:
+            raise BatchError(why)
+        if key[2] != ref_opt:
+            self._check_optimizer()
         if self._recompile is None:
-            raise BatchError("batch shapes differ from the compiled ones and this step cannot recompile: "
-                             + ", ".join(_describe(s) for s in sig))
-        if not self._warned:
-            warnings.warn("pockc: batch shapes differ from the example batch; compiling a step specialized "
-                          "to them (compiled steps are cached per shape)", stacklevel=3)
-            self._warned = True
-        gm = self._recompile(batch)
-        self._graphs[sig] = gm
+            raise BatchError("the batch, the model's modules or modes, or the optimizer's hyperparameters differ "
+                             "from the compiled ones and this step cannot recompile")
+        changes = [what for what, differs in (
+            ("batch shapes or constants", sig != ref_sig),
+            ("the model's train/eval mode or its submodules", key[1] != ref_modules),
+            ("the optimizer's hyperparameters", key[2] != ref_opt)) if differs]
+        new = [c for c in changes if c not in self._warned]
+        if new:
+            warnings.warn(f"pockc: {' and '.join(new)} differ from what the step was compiled for; compiling a "
+                          "step specialized to them (compiled steps are cached)", stacklevel=3)
+            self._warned.update(new)
+        gm = self._recompile(batch, self.optimizer)
+        self._graphs[key] = gm
         return gm
+
+    def _check_optimizer(self):
+        opt = self.optimizer
+        try:
+            opt.__post_init__()          # the constructor's checks, on the values as they are now
+        except ValueError as e:
+            raise StepError(f"step.optimizer: {e}") from None
+        if (tuple(opt.state_names), tuple(opt.scalar_names)) != self._opt_names:
+            raise StepError(f"step.optimizer ({opt}) keeps other state than the one the step was compiled with "
+                            f"(state {list(self._opt_names[0])}, now {list(opt.state_names)}): compile a new step "
+                            "for it")
 
     def inputs(self, batch) -> list:
         """The flat list of tensors the graph takes for ``batch``."""
@@ -121,16 +150,17 @@ class TrainStep:
         scalars = self.optimizer.scalars(self.step_count)
         return (tensors + [self.state[k] for k in map(tuple, lay.state)]
                 + [torch.tensor(scalars[s], dtype=torch.float64) for s in lay.scalars]
-                + [b for b in batch if isinstance(b, torch.Tensor)])
+                + batch_tensors(batch))
 
     def __call__(self, *batch):
-        gm = self._graph_for(batch)
-        with torch.no_grad():
-            inputs = self.inputs(batch)
-            if id(gm) not in self._heap_kept:
-                self._keep_heap(gm, inputs)
-            loss = self._executable(gm, inputs)(*inputs)
-        self.step_count += 1
+        with self._lock, _DeferInterrupt():
+            gm = self._graph_for(batch)
+            with torch.no_grad():
+                inputs = self.inputs(batch)
+                if id(gm) not in self._heap_kept:
+                    self._keep_heap(gm, inputs)
+                loss = self._executable(gm, inputs)(*inputs)
+            self.step_count += 1
         return loss[0] if isinstance(loss, (tuple, list)) else loss
 
     def _keep_heap(self, gm, inputs):
@@ -140,7 +170,7 @@ class TrainStep:
         if device_of(inputs) != "cpu":
             return
         plan = getattr(getattr(self, "memory", None), "plan", None)
-        if plan is not None and gm is self._graphs[self._signature]:
+        if plan is not None and gm is self._graphs[self._key]:
             working = plan.required_bytes
         else:  # no plan for this graph: every intermediate at once, an upper bound
             working = 0
@@ -181,6 +211,43 @@ class TrainStep:
         n = len(self.graph.graph.nodes)
         return (f"TrainStep({type(self.model).__name__}, trains {len(self.layout.grads)} tensors, "
                 f"{type(self.optimizer).__name__}, {n} graph nodes)")
+
+
+def module_key(model) -> tuple:
+    """The model's module tree as the step sees it: every module object (held, so its id cannot be
+    reused) and its ``training`` flag, in a fixed walk order. Cheaper than ``named_modules()``."""
+    out, todo = [], [model]
+    while todo:
+        m = todo.pop()
+        out.append(m)
+        out.append(m.training)
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return tuple(out)
+
+
+class _DeferInterrupt:
+    """Ctrl-C (SIGINT) during a step raises KeyboardInterrupt once the step has finished, so an
+    interrupted run never holds half-updated parameters; a second Ctrl-C raises at once. Only in
+    the main thread, and only where Python's default handler is installed."""
+
+    def __enter__(self):
+        self.hit, self.old = False, None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.hit and exc_type is None:
+            raise KeyboardInterrupt
+        return False
 
 
 def selected_rows(p, sel):

@@ -61,7 +61,7 @@ def test_bit_identical_gradients_and_a_lower_peak(monkeypatch):
     models = [copy.deepcopy(ex.model) for _ in range(2)]
     for g, m in ((gm, models[0]), (gm0, models[1])):
         step = pockc.compile(m, ex.loss_fn, ex.example_batch, update="bias", optimizer=copy.deepcopy(SGD))
-        step._graphs[step._signature] = g
+        step._graphs[step._key] = g
         torch.manual_seed(0)                        # the same dropout mask in both
         step(*ex.example_batch)
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):

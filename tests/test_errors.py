@@ -71,7 +71,7 @@ def test_bad_arguments():
     ex = zoo.mlp()
     with pytest.raises(pockc.CompileError, match="torch.nn.Module"):
         pockc.compile(lambda x: x, ex.loss_fn, ex.example_batch)
-    with pytest.raises(pockc.CompileError, match="tuple of tensors"):
+    with pytest.raises(pockc.CompileError, match="example_batch must be a tuple"):
         pockc.compile(ex.model, ex.loss_fn, example_batch=[1, 2])
     with pytest.raises(pockc.CompileError, match="pockc optimizer"):
         pockc.compile(ex.model, ex.loss_fn, ex.example_batch, optimizer=torch.optim.SGD(ex.model.parameters(), lr=1))
