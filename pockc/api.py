@@ -201,6 +201,9 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
         mem = plan_memory(gm, layout)
     remat_report = None
     step_backend = _backends.check_backend(backend) or _backends.default_backend(_backends.device_of(batch))
+    if step_backend != "aten" and any(n.target in _backends.GRAD_MODE_OPS for n in gm.graph.nodes):
+        raise CompileError(f"the model has a recurrent layer (nn.LSTM) whose CPU kernel saves its backward's "
+                           f"workspace only in grad mode; backend {step_backend!r} cannot run it: use backend='aten'")
     paging = remat == "auto" and step_backend == "aten"   # the page calls run in the FX program
     if budget_bytes is not None and mem.required_bytes > budget_bytes and remat != "off":
         from pockc.passes.rematerialize import rematerialize       # recompute / page saved activations

@@ -31,7 +31,7 @@ from pockc.lora import load_adapter as _load_adapter
 from pockc.lora import save_adapter as _save_adapter
 from pockc.memory import StepMemory
 from pockc.passes.plan_memory import plan_memory
-from pockc.plan import Rule, UpdatePlan, _blocks, match_pattern, resolve_update
+from pockc.plan import Rule, UpdatePlan, _blocks, match_pattern, parameter_names, resolve_update, tied_parameters
 from pockc.runtime.train_step import TrainStep, selected_rows
 from pockc.trace import analyze_forward
 
@@ -91,8 +91,15 @@ def _rules_for(update, model, order, scope, adapters):
     """Rules of ``update`` (compile's policy language), limited to ``scope``. A dict pattern that
     only matches parameters outside the scope is an error, not a silent no-op."""
     params = dict(model.named_parameters())
-    names = [n for n in params if n not in adapters]
+    all_names, canonical = parameter_names(model)     # a tied weight answers to each of its names
+    names = [n for n in all_names if canonical[n] not in adapters]
     shapes = {n: tuple(p.shape) for n, p in params.items()}
+    aliases = {}
+    for n in all_names:
+        aliases.setdefault(canonical[n], []).append(n)
+
+    def in_scope(n):   # a tied tensor is in scope when any of its names is
+        return scope is None or any(scope(a) for a in aliases[canonical[n]])
     rules = {}
     items = update if isinstance(update, list) else [update]
     for item in items:
@@ -100,7 +107,7 @@ def _rules_for(update, model, order, scope, adapters):
             for pattern, value in item.items():
                 rule = Rule.parse(value)
                 hits = match_pattern(pattern, names)
-                kept = [n for n in hits if scope is None or scope(n)]
+                kept = list(dict.fromkeys(canonical[n] for n in hits if in_scope(n)))
                 if not kept:
                     raise PlanError(f"update pattern {pattern!r} matches only parameters outside the fine-tuned "
                                     f"layers (e.g. {hits[0]}); widen layers= or drop the pattern")
@@ -109,10 +116,10 @@ def _rules_for(update, model, order, scope, adapters):
                     rules[n] = rule
         else:
             plan = resolve_update(item, model, order)
-            for n in names:
+            for n in dict.fromkeys(canonical[a] for a in names):
                 r = plan.rule(n)
                 if (isinstance(item, UpdatePlan) and n in item.rules) or r.kind != "frozen":
-                    if scope is None or scope(n) or r.kind == "frozen":
+                    if in_scope(n) or r.kind == "frozen":
                         rules[n] = r
     return rules
 
@@ -240,7 +247,8 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     rules = {n: Rule("full") for n in adapters}
     rules.update(_rules_for(update, model, order, scope, set(adapters)) if update != [] else {})
     params = dict(model.named_parameters())
-    plan = UpdatePlan({n: rules.get(n, Rule("frozen")) for n in params}, {n: tuple(p.shape) for n, p in params.items()})
+    plan = UpdatePlan({n: rules.get(n, Rule("frozen")) for n in params}, {n: tuple(p.shape) for n, p in params.items()},
+                      tied_parameters(model))
     if not plan.trainable_names():
         raise PlanError("finetune trains nothing: pass lora=LoraConfig(...) or an update= policy")
     for n in plan.trainable_names():

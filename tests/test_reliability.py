@@ -370,6 +370,8 @@ def test_lstm_trains_like_eager():
     for b in batches:
         torch.testing.assert_close(step(*b), eager(*b), rtol=1e-5, atol=1e-6)
     assert_same(m_c, m_e, tol=1e-5)
+    with pytest.raises(pockc.CompileError, match="use backend='aten'"):
+        pockc.compile(copy.deepcopy(model), loss_fn, batches[0], backend="inductor")
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
@@ -393,3 +395,37 @@ def test_data_dependent_shapes_are_a_clear_error(how):
         pockc.compile(model, loss_fn, (torch.randn(5, 4),))
     assert "pockc bug" not in str(e.value) and "\n" not in str(e.value)
     assert "test_reliability.py" in str(e.value)     # names the user's line
+
+
+def test_finetune_resolves_a_tied_head_by_either_name():
+    model = _hf("llama")
+    m_c, m_e = copy.deepcopy(model), copy.deepcopy(model)
+    batches = hf_batches(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step = pockc.finetune(m_c, hf_loss, (batches[0],), layers="last:1", update={"lm_head.weight": "full"},
+                              optimizer=pockc.SGD(lr=0.5))
+    assert step.update_plan.trainable_names() == ["model.embed_tokens.weight"]
+    eager = Eager(m_e, hf_loss, pockc.SGD(lr=0.5), [m_e.model.embed_tokens.weight])
+    for b in batches:
+        step(b)
+        eager(b)
+    assert_same(m_c, m_e)
+
+
+def test_channel_sparse_rows_of_a_tied_weight_sum_both_uses():
+    from pockc.bench import EagerStep
+    torch.manual_seed(0)
+    model = HandTied().double()
+    m_c, m_e = copy.deepcopy(model), copy.deepcopy(model)
+    batches = [(torch.randint(0, 20, (4, 5)), torch.randint(0, 20, (4, 5))) for _ in range(2)]
+    step = pockc.compile(m_c, tied_loss, batches[0], update={"head.weight": "channels:[2,3,7]"},
+                         optimizer=pockc.SGD(lr=0.5, momentum=0.9))
+    rows = pockc.UpdatePlan({"emb.weight": "channels:[2,3,7]"}, {"emb.weight": (20, 8)})   # written by hand
+    eager = EagerStep(m_e, tied_loss, pockc.SGD(lr=0.5, momentum=0.9), rows, foreach=False)
+    for b in batches:
+        step(*b)
+        eager(*b)
+    assert_same(m_c, m_e)
+    assert not torch.equal(m_c.emb.weight[2], model.emb.weight[2])
+    assert torch.equal(m_c.emb.weight[0], model.emb.weight[0])
