@@ -52,6 +52,7 @@ class TrainStep:
         self._opt_names = (tuple(optimizer.state_names), tuple(optimizer.scalar_names))
         self._key = (self._signature, module_key(model), optimizer.graph_key())
         self._graphs = {self._key: graph}
+        self._last = None      # (key, graph) of the latest call
         self._recompile = recompile
         self._warned = set()
         self._lock = threading.Lock()
@@ -94,11 +95,18 @@ class TrainStep:
 
     # -- running ---------------------------------------------------------------------------
     def _graph_for(self, batch):
-        sig = batch_signature(batch)
-        key = (sig, module_key(self.model), self.optimizer.graph_key())
+        key = (batch_signature(batch), module_key(self.model), self.optimizer.graph_key())
+        last = self._last
+        if last is not None and last[0] == key:   # the usual case: compared element by element,
+            return last[1]                        # identical objects first (cheaper than hashing)
         gm = self._graphs.get(key)
-        if gm is not None:
-            return gm
+        if gm is None:
+            gm = self._graphs[key] = self._specialize(key, batch)
+        self._last = (key, gm)
+        return gm
+
+    def _specialize(self, key, batch):
+        sig = key[0]
         ref_sig, ref_modules, ref_opt = self._key
         if len(batch) != self._nargs:
             raise BatchError(f"batch has {len(batch)} elements, the step was compiled for {self._nargs}: "
@@ -118,11 +126,9 @@ class TrainStep:
         new = [c for c in changes if c not in self._warned]
         if new:
             warnings.warn(f"pockc: {' and '.join(new)} differ from what the step was compiled for; compiling a "
-                          "step specialized to them (compiled steps are cached)", stacklevel=3)
+                          "step specialized to them (compiled steps are cached)", stacklevel=4)
             self._warned.update(new)
-        gm = self._recompile(batch, self.optimizer)
-        self._graphs[key] = gm
-        return gm
+        return self._recompile(batch, self.optimizer)
 
     def _check_optimizer(self):
         opt = self.optimizer
@@ -217,11 +223,13 @@ def module_key(model) -> tuple:
     """The model's module tree as the step sees it: every module object (held, so its id cannot be
     reused) and its ``training`` flag, in a fixed walk order. Cheaper than ``named_modules()``."""
     out, todo = [], [model]
+    add, pop, extend = out.append, todo.pop, todo.extend
     while todo:
-        m = todo.pop()
-        out.append(m)
-        out.append(m.training)
-        todo.extend(c for c in m._modules.values() if c is not None)
+        m = pop()
+        if m is not None:
+            add(m)
+            add(m.training)
+            extend(m._modules.values())
     return tuple(out)
 
 
