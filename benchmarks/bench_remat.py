@@ -641,7 +641,8 @@ def plot(rows, path):
         axes[1][j].set_ylabel("median step time (ms)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from pockc.bench import save_figure
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -669,7 +670,8 @@ def main(argv=None):
     if a.replot:
         data = json.loads((out / f"{stem}.json").read_text())
         png = f"{stem}.png" if plot(data["rows"], out / f"{stem}.png") else None
-        (out / f"{stem}.md").write_text(markdown(data["rows"], data["meta"], png))
+        from pockc.runtime.fileio import atomic_write
+        atomic_write(out / f"{stem}.md", markdown(data["rows"], data["meta"], png))
         return
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     ambs = None if a.ambs is None else [float(x) for x in a.ambs.split(",") if x.strip()]

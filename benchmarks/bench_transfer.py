@@ -172,7 +172,8 @@ def plot(rows, path):
     ax.set_ylabel("test accuracy on digits 5-9 (%)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from pockc.bench import save_figure
+    save_figure(fig, path, dpi=120)
     return True
 
 

@@ -152,6 +152,9 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     ['2.bias', '2.weight']
     """
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
+    if scores is not None:
+        from pockc.scoring import check_scores_match
+        check_scores_match(scores, model)          # scores measured on another model are an error
     if remat not in ("auto", "recompute", "off"):
         raise CompileError(f"remat must be 'auto', 'recompute' or 'off', not {remat!r}")
     cost_model = None

@@ -479,11 +479,22 @@ def run_meta(**extra) -> dict:
 
 def write_results(out_dir, stem, payload, md: str) -> Path:
     """Write a benchmark's ``stem.json`` (the payload) and ``stem.md`` (its table) to ``out_dir``."""
+    from pockc.runtime.fileio import atomic_write
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    (out_dir / f"{stem}.md").write_text(md)
+    atomic_write(out_dir / f"{stem}.json", json.dumps(payload, indent=1, default=str) + "\n")  # never half a file
+    atomic_write(out_dir / f"{stem}.md", md)
     return out_dir
+
+
+def save_figure(fig, path, **kwargs):
+    """``fig.savefig(path)``, atomically (rendered in memory, then written by atomic_write)."""
+    import io
+
+    from pockc.runtime.fileio import atomic_write
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    atomic_write(path, buf.getvalue())
 
 
 def git_commit():
@@ -692,7 +703,7 @@ def _plot(res, path):
         a.set_xticks([x + 0.3 for x in range(len(labels))])
         a.set_xticklabels(labels, fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------- command line

@@ -22,21 +22,82 @@ fine-tuning it alone (pockc.score_layers; cached, or reused with --scores FILE) 
 budget where it buys the most; without them it uses the prior (later layers first, biases
 cheapest) and says so. --epochs N then fine-tunes the compiled step on train_data() and reports
 the metric on val_data() before and after.
+
+pockc writes train_step.py, plan.json, report.txt (and scores.json) into -o, each file atomically,
+and records them in -o/.pockc-manifest.json: a later run into the same directory removes the files
+an earlier run wrote that it does not write again (never a file pockc did not write, or one
+changed since). A run that fails writes nothing. Exit status: 0; 1 when the model cannot be compiled
+as asked or training diverges (a NaN or infinite loss); 2 for a bad argument or model file; 130 on
+Ctrl-C. Errors are one line on stderr (POCKC_TRACEBACK=1 shows the traceback of an unexpected one).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
 
-USAGE_ERROR, COMPILE_ERROR = 2, 1
+USAGE_ERROR, COMPILE_ERROR, INTERRUPTED = 2, 1, 130
+MANIFEST = ".pockc-manifest.json"   # in the output directory: the files pockc wrote there, with their hashes
+OUTPUT_NAMES = ("train_step.py", "plan.json", "report.txt", "scores.json")
 
 
 class UsageError(Exception):
     pass
+
+
+class RunError(Exception):
+    """The run failed after its arguments were accepted (exit COMPILE_ERROR)."""
+
+
+class TrainingError(RunError):
+    """Training on the compiled step went wrong (a non-finite loss)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``pockc: error: ...`` and exit status 2, no usage block."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"pockc: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(text):
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def _rate(text):
+    """argparse type: a finite float >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _one_line(text) -> str:
+    """A message as one line (a multi-line exception message joined with ' | ')."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    out = " | ".join(lines) or "(no message)"
+    return out if len(out) <= 2000 else out[:1997] + "..."
+
+
+def _describe(value) -> str:
+    r = repr(value)
+    r = r if len(r) <= 60 else r[:57] + "..."
+    return r if value is None else f"{r} ({type(value).__name__})"
 
 
 def load_model_file(path):
@@ -62,23 +123,68 @@ def load_model_file(path):
 
 def _parse_update(text):
     text = text.strip()
+    if not text:
+        raise UsageError("--update is empty; give a preset (full, bias, last:K, head), a JSON dict or a plan.json file")
     if text.startswith("{"):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"--update looks like JSON but does not parse: {e}") from None
-    if os.path.isfile(text) and text.endswith(".json"):
-        import pockc
-        return pockc.UpdatePlan.from_json(text)
+    if text.lower().endswith(".json") or (os.sep in text and os.path.exists(text)):
+        return _read_plan(text)
+    import re
+    for part in text.split("+"):
+        p = part.strip().lower()
+        if re.fullmatch(r"channels\s*:.*", p):
+            rule = part.strip()
+            raise UsageError(f"--update {text!r}: {rule!r} is a rule for parameters, not a preset; to apply it to "
+                             f"every parameter write --update '{{\"*\": \"{rule}\"}}' (or a glob such as "
+                             f"'{{\"fc.*\": \"{rule}\"}}')")
     return text
+
+
+def _read_plan(path):
+    """An UpdatePlan from a plan.json file; UsageError naming the file if it is missing or broken."""
+    import pockc
+    if not os.path.exists(path):
+        raise UsageError(f"--update: plan file {path!r} not found")
+    if not os.path.isfile(path):
+        raise UsageError(f"--update: {path!r} is not a file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise UsageError(f"--update: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--update: {path} is not a text file ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise UsageError(f"--update: {path} is empty; expected a plan.json written by pockc")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--update: {path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("rules"), dict):
+        raise UsageError(f"--update: {path} is not a plan.json written by pockc (it needs a \"rules\" object "
+                         "mapping parameter names to full, frozen or channels:R)")
+    try:
+        return pockc.UpdatePlan.from_dict(d)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--update: {path} is not a valid plan: {_one_line(e)}") from None
 
 
 def _optimizer(args, module):
     import pockc
     if args.optimizer is None and hasattr(module, "optimizer"):
-        opt = module.optimizer()
+        opt = _user_call(module, "optimizer")
+        if not isinstance(opt, pockc.Optimizer):
+            raise UsageError(f"optimizer() in the model file must return pockc.SGD(...) or pockc.AdamW(...), "
+                             f"got {_describe(opt)}")
         if args.lr is not None:
             opt.lr = args.lr
+        lr = getattr(opt, "lr", None)
+        if isinstance(lr, (int, float)) and (not math.isfinite(lr) or lr < 0):
+            raise UsageError(f"optimizer() in the model file has lr={lr}; the learning rate must be a finite "
+                             "number >= 0 (or override it with --lr)")
         return opt
     name = (args.optimizer or "sgd").lower()
     lr = args.lr if args.lr is not None else (0.01 if name == "sgd" else 1e-3)
@@ -123,8 +229,16 @@ def _scores(args, module, model, batch, optimizer, train, val, budget):
             raise UsageError(f"--scores: {args.scores!r} not found")
         try:
             scores = pockc.LayerScores.from_json(args.scores)
+        except OSError as e:
+            raise UsageError(f"--scores: cannot read {args.scores}: {e.strerror or e}") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"--scores: {args.scores} is not a scores file written by pockc ({e})") from None
+            raise UsageError(f"--scores: {_one_line(e)}") from None
+        from pockc.errors import CompileError
+        from pockc.scoring import check_scores_match
+        try:
+            check_scores_match(scores, model)
+        except CompileError as e:
+            raise UsageError(f"--scores: {args.scores}: {e}") from None
         print(f"contribution scores: {len(scores)} candidates from {args.scores}")
         return scores
     if budget is None or args.update is not None:
@@ -146,7 +260,141 @@ def _scores(args, module, model, batch, optimizer, train, val, budget):
     return scores
 
 
+def _remove_dirs(created):
+    """Remove the directories this run created (deepest first), as long as they are still empty."""
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def _prepare_out(out) -> list:
+    """Check the output directory ``-o`` before any work: it is (or can be made) a directory that
+    pockc can write files into. Returns the directories it created (removed if the run fails)."""
+    from pockc.runtime.fileio import atomic_write
+    if not str(out).strip():
+        raise UsageError("-o: the output directory name is empty")
+    path = os.path.abspath(out)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"-o {out}: exists and is not a directory")
+    missing, p = [], path
+    while not os.path.lexists(p):
+        missing.append(p)
+        if os.path.dirname(p) == p:
+            break
+        p = os.path.dirname(p)
+    if os.path.lexists(p) and not os.path.isdir(p):
+        raise UsageError(f"-o {out}: {p} is not a directory")
+    created = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except OSError as e:
+            _remove_dirs(created)
+            raise UsageError(f"-o {out}: cannot create the output directory {d} ({e.strerror or e})") from None
+        created.append(d)
+    probe = os.path.join(path, f".pockc-probe-{os.getpid()}")
+    try:
+        atomic_write(probe, b"pockc\n")
+        os.unlink(probe)
+    except OSError as e:
+        _remove_dirs(created)
+        raise UsageError(f"-o {out}: cannot write files in the output directory ({e.strerror or e})") from None
+    for name in OUTPUT_NAMES:
+        if os.path.isdir(os.path.join(path, name)):
+            _remove_dirs(created)
+            raise UsageError(f"-o {out}: {os.path.join(out, name)} is a directory; pockc writes a file of that name")
+    return created
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_manifest(out) -> dict:
+    """name -> hashes of the files an earlier run of pockc wrote into ``out`` (empty if none)."""
+    try:
+        with open(os.path.join(out, MANIFEST), "rb") as f:
+            d = json.loads(f.read().decode("utf-8"))
+        files = d["files"]
+        out_files = {}
+        for name, hashes in files.items():
+            hashes = [hashes] if isinstance(hashes, str) else list(hashes)
+            if (isinstance(name, str) and name == os.path.basename(name) and name not in ("", ".", "..", MANIFEST)
+                    and all(isinstance(h, str) for h in hashes)):
+                out_files[name] = set(hashes)
+        return out_files
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _write_manifest(out, files: dict):
+    import pockc
+    from pockc.runtime.fileio import atomic_write
+    atomic_write(os.path.join(out, MANIFEST), json.dumps(
+        {"written_by": f"pockc {pockc.__version__}", "note": "the files pockc wrote here (sha256); a later run "
+         "into this directory removes those it does not write again, if unchanged",
+         "files": {n: sorted(h) for n, h in sorted(files.items())}}, indent=1) + "\n")
+
+
+def write_outputs(out, files: dict) -> list:
+    """Write ``{name: text}`` into ``out``, each file atomically, and remove the files an earlier run
+    of pockc wrote there that this run does not (only those still as pockc wrote them, by their hash
+    in the directory's manifest; nothing pockc did not write). Returns the names removed."""
+    from pockc.runtime.fileio import atomic_write, fsync_dir, remove_stale_temps
+    data = {n: t.encode("utf-8") if isinstance(t, str) else t for n, t in files.items()}
+    new = {n: {_sha(b)} for n, b in data.items()}
+    old = _read_manifest(out)
+    # first record both runs' files: a run killed below still knows every file pockc wrote here
+    _write_manifest(out, {n: old.get(n, set()) | new.get(n, set()) for n in {*old, *new}})
+    for name, b in data.items():
+        atomic_write(os.path.join(out, name), b)
+    removed = []
+    for name in sorted(set(old) - set(data)):
+        full = os.path.join(out, name)
+        try:
+            if os.path.isfile(full) and not os.path.islink(full):
+                with open(full, "rb") as f:
+                    if _sha(f.read()) in old[name]:
+                        os.unlink(full)
+                        removed.append(name)
+        except OSError:
+            pass
+    _write_manifest(out, new)
+    remove_stale_temps(out)
+    fsync_dir(out)
+    return removed
+
+
+def _check_finite(losses, where, lr, out):
+    bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise TrainingError(f"training diverged: the loss is {losses[bad]} at step {bad + 1} {where} (lr {lr:g}); "
+                            f"lower the learning rate (--lr). Nothing was written to {out}")
+
+
+def _evaluate(model, loss_fn, val, metric):
+    from pockc.scoring import evaluate
+    try:
+        return evaluate(model, loss_fn, val, metric)
+    except Exception as e:  # noqa: BLE001 -- the user's metric or loss on the user's data
+        what = "metric()" if metric is not None else "loss_fn()"
+        raise UsageError(f"{what} on val_data() raised {type(e).__name__}: {_one_line(e)}") from e
+
+
 def cmd_compile(args):
+    if not os.path.isfile(args.model):
+        raise UsageError(f"model file {args.model!r} not found")
+    created = _prepare_out(args.out)      # before any work: a bad -o fails now, not after compiling
+    try:
+        return _compile(args)
+    except BaseException:
+        _remove_dirs(created)             # a failed run leaves no empty output directory behind
+        raise
+
+
+def _compile(args):
     module = load_model_file(args.model)
     import torch
 
@@ -167,22 +415,26 @@ def cmd_compile(args):
             raise UsageError(f"--device-profile: {e}") from None
     if args.scores is not None and (budget is None or args.update is not None):
         raise UsageError("--scores needs --budget and no --update: the scores decide what to train under a budget")
-    model, batch = _user_call(module, "model"), _user_call(module, "example_batch")
+    update = _parse_update(args.update) if args.update is not None else None
+    model = _user_call(module, "model")
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"model() in the model file must return a torch.nn.Module, got {_describe(model)}")
+    batch = _user_call(module, "example_batch")
     if isinstance(batch, torch.Tensor):
         batch = (batch,)
+    if not isinstance(batch, (tuple, list)) or not any(isinstance(t, torch.Tensor) for t in batch):
+        raise UsageError(f"example_batch() in the model file must return a tensor or a tuple of tensors, e.g. "
+                         f"(x, y); it returned {_describe(batch)}")
     batch = tuple(batch)
     train, val = _task_data(args, module, batch)
     if args.epochs and train is None:
         raise UsageError(f"--epochs needs train_data() and val_data() in {args.model}")
-    update = _parse_update(args.update) if args.update is not None else None
     optimizer = _optimizer(args, module)
     scores = _scores(args, module, model, batch, optimizer, train, val, budget)
     step = pockc.compile(model, module.loss_fn, batch, update=update, optimizer=optimizer, budget=budget,
                          verbose=args.verbose, scores=scores, remat=args.remat,
                          device_profile=args.device_profile, objective=args.objective)
-    os.makedirs(args.out, exist_ok=True)
-    if scores is not None:
-        scores.to_json(os.path.join(args.out, "scores.json"))
+    outputs = {}
     lay = step.layout
     header = [f"# Generated by pockc {pockc.__version__} from {os.path.basename(args.model)} "
               f"(update={args.update or ('chosen for --budget ' + args.budget if budget else 'full')!r}, "
@@ -197,8 +449,7 @@ def cmd_compile(args):
         if callable(obj) and mod.startswith("pockc."):       # runtime calls (paging) the code makes
             header.append(f"from {mod} import {obj.__name__} as {name}")
     header.append("")
-    with open(os.path.join(args.out, "train_step.py"), "w") as f:
-        f.write("\n".join(header) + step.code)
+    outputs["train_step.py"] = "\n".join(header) + step.code
     plan = step.update_plan.to_dict()
     plan["budget_bytes"] = budget
     plan["memory"] = step.memory.to_dict()
@@ -206,9 +457,7 @@ def cmd_compile(args):
         plan["remat"] = step.remat.to_dict()
     if step.selection is not None:
         plan["selection"] = step.selection.to_dict()
-    with open(os.path.join(args.out, "plan.json"), "w") as f:
-        json.dump(plan, f, indent=1)
-        f.write("\n")
+    outputs["plan.json"] = json.dumps(plan, indent=1) + "\n"
     stats = pockc.graph_stats(step.graph)
     lines = []
     if step.selection is not None:
@@ -226,34 +475,46 @@ def cmd_compile(args):
         losses = [float(step.memory.last_loss)]
         t0 = time.perf_counter()
         for _ in range(args.steps - 1):
+            if not math.isfinite(losses[-1]):
+                break
             losses.append(float(step(*batch)))
         ms = (time.perf_counter() - t0) / max(args.steps - 1, 1) * 1e3
+        _check_finite(losses, f"of --steps {args.steps} on the example batch", step.optimizer.lr, args.out)
         lines.append(f"measured peak of step 1: {format_bytes(measured)} (planned {format_bytes(step.memory.peak_bytes)})")
-        lines.append(f"ran {args.steps} steps on the example batch: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        lines.append(f"ran {args.steps} step{'s' if args.steps != 1 else ''} on the example batch: "
+                     f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
                      + (f" ({ms:.1f} ms/step)" if args.steps > 1 else ""))
     if args.epochs:
-        from pockc.scoring import evaluate, fit
+        from pockc.scoring import fit
         metric = getattr(module, "metric", None)
         name = "metric()" if metric is not None else "-loss"
-        before = evaluate(model, module.loss_fn, val, metric)
+        before = _evaluate(model, module.loss_fn, val, metric)
         t0 = time.perf_counter()
-        losses = fit(step, train, args.epochs, progress=True if args.verbose else None)
+        losses = fit(step, train, args.epochs, progress=True if args.verbose else None, stop_nonfinite=True)
         secs = time.perf_counter() - t0
-        after = evaluate(model, module.loss_fn, val, metric)
-        lines.append(f"fine-tuned {args.epochs} epochs ({len(losses)} steps, cosine lr from {step.optimizer.lr:g}) "
-                     f"in {secs:.1f}s: train loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        _check_finite(losses, f"of --epochs {args.epochs} on train_data()", step.optimizer.lr, args.out)
+        after = _evaluate(model, module.loss_fn, val, metric)
+        lines.append(f"fine-tuned {args.epochs} epoch{'s' if args.epochs != 1 else ''} ({len(losses)} steps, "
+                     f"cosine lr from {step.optimizer.lr:g}) in {secs:.1f}s: train loss {losses[0]:.4f} -> {losses[-1]:.4f}")
         lines.append(f"validation {name}: {before:.4f} before fine-tuning -> {after:.4f} after")
     report = "\n".join(lines)
-    with open(os.path.join(args.out, "report.txt"), "w") as f:
-        f.write(report + "\n")
+    outputs["report.txt"] = report + "\n"
+    if scores is not None:
+        outputs["scores.json"] = scores.dumps()
+    try:
+        removed = write_outputs(args.out, outputs)
+    except OSError as e:       # the disk filled up, the directory went away, ...: no partial file is left
+        raise RunError(f"-o {args.out}: could not write the output files ({e.strerror or e}); "
+                       "no file there is half-written") from None
     print(report)
     print(f"wrote {os.path.join(args.out, 'train_step.py')}, plan.json, report.txt"
-          + (", scores.json" if scores is not None else ""))
+          + (", scores.json" if scores is not None else "")
+          + (f" (removed {', '.join(removed)} from an earlier run)" if removed else ""))
     return 0
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="pockc", description="Compile-time sparse-backprop fine-tuning compiler.")
+    p = _Parser(prog="pockc", description="Compile-time sparse-backprop fine-tuning compiler.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a training step for a model file",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,10 +539,10 @@ def build_parser():
                         "energy needs a profile with energy figures)")
     c.add_argument("-v", "--verbose", action="store_true", help="progress bars and compile details")
     c.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="default: the file's optimizer() or sgd")
-    c.add_argument("--lr", type=float, default=None, help="learning rate")
-    c.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    c.add_argument("--steps", type=int, default=0, help="run this many steps on the example batch and report")
-    c.add_argument("--epochs", type=int, default=0,
+    c.add_argument("--lr", type=_rate, default=None, help="learning rate (a finite number >= 0)")
+    c.add_argument("--momentum", type=_rate, default=0.9, help="SGD momentum (default 0.9)")
+    c.add_argument("--steps", type=_count, default=0, help="run this many steps on the example batch and report")
+    c.add_argument("--epochs", type=_count, default=0,
                    help="fine-tune the step this many epochs on train_data() and report the metric on val_data()")
     c.add_argument("--scores", default=None, metavar="FILE",
                    help="contribution scores to choose with under --budget (a scores.json from an earlier run) "
@@ -296,19 +557,56 @@ def build_parser():
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None):
+    text = _one_line(message)
+    return f"pockc: warning: {text[7:] if text.startswith('pockc: ') else text}\n"
+
+
+def _say(text):
+    print(f"pockc: {_one_line(text)}", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status: 0, COMPILE_ERROR (1: the model cannot be
+    compiled as asked, or training diverged), USAGE_ERROR (2: a bad argument or model file) or
+    INTERRUPTED (130: Ctrl-C). Every failure is one line on stderr (POCKC_TRACEBACK=1 re-raises
+    unexpected errors, for a traceback)."""
+    import warnings
+    saved = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UsageError as e:
-        print(f"pockc: error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return USAGE_ERROR
+    except RunError as e:
+        _say(f"error: {e}")
+        return COMPILE_ERROR
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return INTERRUPTED
+    except BrokenPipeError:                     # stdout closed early (pockc ... | head)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return COMPILE_ERROR
     except Exception as e:  # noqa: BLE001
         from pockc.errors import CompileError
         if isinstance(e, (CompileError, ValueError)):
-            print(f"pockc: error: {e}", file=sys.stderr)
+            _say(f"error: {e}")
             return COMPILE_ERROR
-        raise
+        if isinstance(e, OSError) and e.strerror:
+            _say(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}")
+            return COMPILE_ERROR
+        if os.environ.get("POCKC_TRACEBACK", "").strip() not in ("", "0"):
+            raise
+        _say(f"error: unexpected {type(e).__name__}: {e} (this may be a pockc bug: set POCKC_TRACEBACK=1 for "
+             "the traceback and report it)")
+        return COMPILE_ERROR
+    finally:
+        warnings.formatwarning = saved
 
 
 if __name__ == "__main__":

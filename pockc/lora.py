@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import io
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pockc.errors import CompileError, PlanError
+from pockc.runtime.fileio import atomic_write
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -226,12 +228,14 @@ def save_tensors(tensors: dict, directory) -> str:
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if _have_safetensors():
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         path = os.path.join(directory, ADAPTER_WEIGHTS)
-        save_file(tensors, path)
+        atomic_write(path, save(tensors))         # bytes in memory, then one atomic write
     else:
         path = os.path.join(directory, ADAPTER_WEIGHTS_PT)
-        torch.save(tensors, path)
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        atomic_write(path, buf.getvalue())
     return path
 
 
@@ -260,9 +264,7 @@ def save_adapter(model, directory, trained: dict, config: LoraConfig | None, ext
         **(extra or {}),
     }
     path = save_tensors(trained, directory)
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
+    atomic_write(os.path.join(directory, ADAPTER_CONFIG), json.dumps(meta, indent=1) + "\n")
     return path
 
 

@@ -185,8 +185,8 @@ class UpdatePlan:
     def to_json(self, path=None):
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            from pockc.runtime.fileio import atomic_write
+            atomic_write(path, text + "\n")     # an interrupted save leaves the previous file
         return text
 
     @classmethod

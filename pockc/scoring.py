@@ -19,25 +19,31 @@ call with the same inputs reuses them.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import json
 import os
 import time
+import types
+import warnings
 
 import torch
 
 from pockc.errors import CompileError
+from pockc.runtime.fileio import atomic_write, remove_stale_temps
 
 
 class LayerScores(dict):
     """``{(layer, option): score}`` plus what was skipped; prints as a table, saves to JSON."""
 
-    def __init__(self, scores=(), skipped=(), baseline=None, settings=None, frozen=None):
+    def __init__(self, scores=(), skipped=(), baseline=None, settings=None, frozen=None, model=None):
         super().__init__(scores)
         self.skipped = dict(skipped)       # (layer, option) -> reason
         self.baseline = baseline           # validation metric of the frozen model, or of the base alone
         self.frozen = baseline if frozen is None else frozen    # the frozen model's metric
         self.settings = settings or {}
+        self.model = model                 # model_fingerprint() of the model measured on (None: unknown)
 
     @property
     def base(self):
@@ -56,25 +62,85 @@ class LayerScores(dict):
         return self.table()
 
     def to_dict(self):
-        return {"baseline": self.baseline, "frozen": self.frozen, "settings": self.settings,
-                "scores": [{"layer": m, "option": o, "score": s} for (m, o), s in self.items()],
-                "skipped": [{"layer": m, "option": o, "reason": r} for (m, o), r in self.skipped.items()]}
+        d = {"baseline": self.baseline, "frozen": self.frozen, "settings": self.settings,
+             "scores": [{"layer": m, "option": o, "score": s} for (m, o), s in self.items()],
+             "skipped": [{"layer": m, "option": o, "reason": r} for (m, o), r in self.skipped.items()]}
+        if self.model is not None:
+            d["model"] = self.model
+        return d
+
+    def dumps(self) -> str:
+        """The JSON text ``to_json`` writes."""
+        return json.dumps(self.to_dict(), indent=1) + "\n"
 
     def to_json(self, path):
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+        """Save to ``path`` (atomically: an interrupted save leaves the previous file)."""
+        atomic_write(path, self.dumps())
 
     @classmethod
     def from_dict(cls, d):
-        return cls({(e["layer"], e["option"]): e["score"] for e in d["scores"]},
+        if not isinstance(d, dict) or not isinstance(d.get("scores"), list):
+            raise ValueError("no 'scores' list")
+        model = d.get("model")
+        if model is not None and not (isinstance(model, dict) and isinstance(model.get("parameters"), list)):
+            raise ValueError("malformed 'model' fingerprint")
+        return cls({(e["layer"], e["option"]): float(e["score"]) for e in d["scores"]},
                    {(e["layer"], e["option"]): e["reason"] for e in d.get("skipped", [])},
-                   d.get("baseline"), d.get("settings"), d.get("frozen"))
+                   d.get("baseline"), d.get("settings"), d.get("frozen"), model)
 
     @classmethod
     def from_json(cls, path):
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Load a file ``to_json`` wrote; ``ValueError`` (naming the file) if it is not one."""
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            return cls.from_dict(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            why = f"not UTF-8 text ({e.reason} at byte {e.start})"
+        except json.JSONDecodeError as e:
+            why = f"invalid JSON ({e})" if raw.strip() else "the file is empty"
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            why = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path} is not a scores file written by pockc: {why}")
+
+
+def model_fingerprint(model) -> dict:
+    """What a model's scores are tied to: its parameter names and shapes, in order."""
+    return {"parameters": [[n, list(p.shape)] for n, p in model.named_parameters()]}
+
+
+def check_scores_match(scores, model) -> None:
+    """``CompileError`` unless ``scores`` were measured on a model of ``model``'s architecture: the
+    same parameter names and shapes (from the fingerprint the scores store), or -- scores without
+    one -- every layer they name is a layer of ``model`` with parameters."""
+    if scores is None:
+        return
+    fp = getattr(scores, "model", None)
+    if fp is not None:
+        theirs = {n: tuple(s) for n, s in fp.get("parameters", [])}
+        ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        if theirs == ours:
+            return
+        shape = lambda s: "x".join(map(str, s)) or "scalar"  # noqa: E731
+        diff = [n for n in ours if n in theirs and theirs[n] != ours[n]]
+        missing, extra = [n for n in theirs if n not in ours], [n for n in ours if n not in theirs]
+        if diff:
+            why = f"parameter {diff[0]!r} is {shape(theirs[diff[0]])} there but {shape(ours[diff[0]])} here"
+        elif missing:
+            why = (f"it has parameter(s) this model lacks: {', '.join(missing[:3])}"
+                   + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+        else:
+            why = (f"this model has parameter(s) it lacks: {', '.join(extra[:3])}"
+                   + (f" (+{len(extra) - 3} more)" if len(extra) > 3 else ""))
+        raise CompileError(f"the contribution scores were measured on another model ({len(theirs)} parameter "
+                           f"tensors there, {len(ours)} here; {why}); score this model with "
+                           "pockc.score_layers (or run without --scores)")
+    mods = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    unknown = sorted({m for m, _ in list(scores) + list(getattr(scores, "skipped", {}))} - mods)
+    if unknown:
+        raise CompileError(f"the contribution scores name layer(s) this model does not have: "
+                           f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}; they were measured "
+                           "on another model: score this model with pockc.score_layers")
 
 
 def _policy_str(policy):
@@ -92,8 +158,60 @@ def as_batches(data, name):
     return out
 
 
-def _digest(model, batches_list, settings) -> str:
+def _const_key(c):
+    """A process-independent text for a code constant (frozensets sorted, nested code hashed)."""
+    if isinstance(c, types.CodeType):
+        return "code:" + _code_key(c)
+    if isinstance(c, (tuple, list)):
+        return "(" + ",".join(_const_key(x) for x in c) + ")"
+    if isinstance(c, (frozenset, set)):
+        return "{" + ",".join(sorted(_const_key(x) for x in c)) + "}"
+    return f"{type(c).__name__}:{c!r}"
+
+
+def _code_key(code) -> str:
     h = hashlib.sha256()
+    for part in (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
+        h.update(repr(part).encode())
+    h.update(_const_key(code.co_consts).encode())
+    return h.hexdigest()
+
+
+def code_fingerprint(fn):
+    """What a loss or metric function *is*, for the scores cache key: its qualified name, bytecode,
+    constants, names, defaults and (when available) its source; ``None`` for ``None``. Editing the
+    function changes it; renaming nothing else does not matter."""
+    if fn is None:
+        return None
+    h = hashlib.sha256()
+    while isinstance(fn, functools.partial):
+        h.update(f"partial{fn.args!r}{sorted(fn.keywords.items())!r}".encode())
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)                      # bound method -> function
+    target = fn
+    code = getattr(fn, "__code__", None)
+    if code is None and callable(fn):                     # a callable object: its class's __call__
+        target = getattr(type(fn).__call__, "__func__", type(fn).__call__)
+        code = getattr(target, "__code__", None)
+        h.update(type(fn).__qualname__.encode())
+    h.update(f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
+    if code is not None:
+        h.update(_code_key(code).encode())
+    else:
+        h.update(repr(fn).encode())                      # a builtin: its name is all there is
+    h.update(_const_key(getattr(target, "__defaults__", None) or ()).encode())
+    h.update(repr(sorted((getattr(target, "__kwdefaults__", None) or {}).items())).encode())
+    try:
+        h.update(inspect.getsource(target).encode())
+    except (OSError, TypeError):
+        pass
+    return h.hexdigest()[:24]
+
+
+def _digest(model, batches_list, settings, code=None) -> str:
+    h = hashlib.sha256()
+    if code is not None:
+        h.update(json.dumps(code, sort_keys=True).encode())
     h.update(repr(model).encode())
     for name, t in list(model.state_dict().items()):
         h.update(name.encode())
@@ -121,10 +239,11 @@ def evaluate(model, loss_fn, val, metric=None) -> float:
         return sum(float(metric(model, *b)) for b in val) / len(val)
 
 
-def fit(step, train_data, epochs=1, seed=0, *, cosine=True, progress=None) -> list:
+def fit(step, train_data, epochs=1, seed=0, *, cosine=True, progress=None, stop_nonfinite=False) -> list:
     """Run a compiled step over ``train_data`` for ``epochs`` epochs, the batches shuffled per
     epoch with ``seed``, the learning rate decayed from ``step.optimizer.lr`` to 0 on a cosine
-    (``cosine=False``: constant); returns the losses. The optimizer's lr is restored after."""
+    (``cosine=False``: constant); returns the losses. The optimizer's lr is restored after.
+    ``stop_nonfinite``: stop at the first loss that is NaN or infinite (the last one returned)."""
     import math
 
     from tqdm.auto import tqdm
@@ -140,6 +259,8 @@ def fit(step, train_data, epochs=1, seed=0, *, cosine=True, progress=None) -> li
                         step.optimizer.lr = lr0 * 0.5 * (1 + math.cos(math.pi * len(losses) / total))
                     losses.append(float(step(*train[i])))
                     bar.update()
+                    if stop_nonfinite and not math.isfinite(losses[-1]):
+                        return losses
     finally:
         step.optimizer.lr = lr0
     return losses
@@ -202,14 +323,23 @@ def score_layers(model, loss_fn, train_data, val_data, metric=None, *, optimizer
     settings = {"steps": steps, "max_layers": max_layers, "seed": seed, "optimizer": repr(optimizer),
                 "metric": getattr(metric, "__qualname__", None), "loss_fn": getattr(loss_fn, "__qualname__", None),
                 "base": base}
-    key = _digest(model, [train, val], settings)
+    fingerprint = model_fingerprint(model)
+    key = _digest(model, [train, val], settings,
+                  code={"loss_fn": code_fingerprint(loss_fn), "metric": code_fingerprint(metric)})
     if cache_dir is None:
         cache_dir = os.environ.get("POCKC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pockc"))
     path = os.path.join(cache_dir, f"scores-{key}.json") if cache_dir else None
-    if path and os.path.isfile(path):
-        scores = LayerScores.from_json(path)
-        scores.cached, scores.path = True, path
-        return scores
+    if path and os.path.exists(path):
+        try:
+            scores = LayerScores.from_json(path)
+            if scores.model is not None and scores.model != fingerprint:
+                raise ValueError("measured on another model")
+        except (OSError, ValueError) as e:
+            warnings.warn(f"pockc: the scores cache entry {path} is unreadable or corrupt ({e}); "
+                          "recomputing it", stacklevel=2)
+        else:
+            scores.cached, scores.path = True, path
+            return scores
 
     order = analyze_forward(model, loss_fn, train[0])
     base_rules = {} if base is None else {n: r for n, r in resolve_update(base, model, order).rules.items()
@@ -226,7 +356,7 @@ def score_layers(model, loss_fn, train_data, val_data, metric=None, *, optimizer
         m = copy.deepcopy(model)
         _finetune(m, loss_fn, train, base_rules, optimizer, steps, seed)   # also warms pockc up
         baseline = evaluate(m, loss_fn, val, metric)
-    scores = LayerScores(baseline=baseline, settings=settings, frozen=frozen)
+    scores = LayerScores(baseline=baseline, settings=settings, frozen=frozen, model=fingerprint)
     t0 = time.perf_counter()
     bar = tqdm(opts, desc="pockc: scoring candidates", unit="candidate", leave=False,
                disable=None if progress is None else not progress)
@@ -244,6 +374,14 @@ def score_layers(model, loss_fn, train_data, val_data, metric=None, *, optimizer
             t0 = None
     scores.cached, scores.path = False, path
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        scores.to_json(path)
+        try:
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"{path} is a directory")
+            os.makedirs(cache_dir, exist_ok=True)
+            remove_stale_temps(cache_dir)       # left by a run killed while saving
+            scores.to_json(path)                # atomically: a kill now cannot leave a corrupt entry
+        except OSError as e:
+            warnings.warn(f"pockc: could not save the scores to the cache {cache_dir} "
+                          f"({getattr(e, 'strerror', None) or e}); they are not cached", stacklevel=2)
+            scores.path = None
     return scores

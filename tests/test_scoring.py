@@ -1,4 +1,6 @@
 """Layer-sensitivity scores (pockc/scoring.py) and budget selection driven by them."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -143,3 +145,108 @@ def test_mismatched_data_is_a_clear_error(model):
     with pytest.raises(pockc.CompileError, match="evaluating the model on val_data failed"):
         pockc.score_layers(model, loss_fn, train, [(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))],
                            cache_dir=False)
+
+
+# --- the scores cache survives a corrupt entry; its key covers the loss and metric code --------------
+
+@pytest.mark.parametrize("garbage", [b"", b'{"scores": [{"layer": "a", "opt', b"\xff\xfe not json", b'{"x": 1}'])
+def test_a_corrupt_cache_entry_is_named_recomputed_and_overwritten(model, tmp_path, garbage):
+    import json
+    train, val = _data()
+    first = pockc.score_layers(model, loss_fn, train, val, metric=nll, steps=2, max_layers=2, cache_dir=str(tmp_path))
+    with open(first.path, "wb") as f:        # what a run killed mid-write used to leave: 0 bytes, or half a file
+        f.write(garbage)
+    with pytest.warns(UserWarning, match="scores cache entry .*" + os.path.basename(first.path) + ".* recomputing"):
+        again = pockc.score_layers(model, loss_fn, train, val, metric=nll, steps=2, max_layers=2,
+                                   cache_dir=str(tmp_path))
+    assert not again.cached and again.path == first.path and dict(again) == dict(first)
+    assert json.loads(open(first.path).read())["scores"]            # overwritten with the real scores
+    third = pockc.score_layers(model, loss_fn, train, val, metric=nll, steps=2, max_layers=2, cache_dir=str(tmp_path))
+    assert third.cached and dict(third) == dict(first)
+    assert [n for n in os.listdir(tmp_path) if "tmp" in n] == []
+
+
+def test_an_unwritable_cache_is_a_warning_not_a_failure(model, tmp_path):
+    train, val = _data()
+    (tmp_path / "file").write_text("a file, not a directory")
+    with pytest.warns(UserWarning, match="could not save the scores"):
+        s = pockc.score_layers(model, loss_fn, train, val, metric=nll, steps=2, max_layers=1,
+                               cache_dir=str(tmp_path / "file" / "cache"))
+    assert len(s) and s.path is None
+
+
+def _edited(src):
+    """A function named like ``loss_fn`` but with another body (as if the file had been edited)."""
+    ns = {"F": F}
+    exec(compile(src, "<edited>", "exec"), ns)
+    fn = ns["loss_fn"]
+    fn.__qualname__, fn.__module__ = loss_fn.__qualname__, loss_fn.__module__
+    return fn
+
+
+def test_an_edited_loss_or_metric_is_a_new_cache_key(model, tmp_path):
+    from pockc.scoring import code_fingerprint
+    train, val = _data()
+    kw = dict(metric=nll, steps=2, max_layers=1, cache_dir=str(tmp_path))
+    s = pockc.score_layers(model, loss_fn, train, val, **kw)
+    assert pockc.score_layers(model, loss_fn, train, val, **kw).cached
+    smoothed = _edited("def loss_fn(m, x, y):\n    return F.cross_entropy(m(x), y, label_smoothing=0.1)\n")
+    assert smoothed.__qualname__ == loss_fn.__qualname__ and code_fingerprint(smoothed) != code_fingerprint(loss_fn)
+    s2 = pockc.score_layers(model, loss_fn=smoothed, train_data=train, val_data=val, **kw)
+    assert not s2.cached and s2.path != s.path
+    scaled = _edited("def loss_fn(m, x, y):\n    return 2.0 * F.cross_entropy(m(x), y)\n")   # a constant changed
+    assert code_fingerprint(scaled) != code_fingerprint(_edited(
+        "def loss_fn(m, x, y):\n    return 3.0 * F.cross_entropy(m(x), y)\n"))
+
+    def edited_nll(m, x, y):                # the metric edited, same name
+        return -F.cross_entropy(m(x), y) * 1.0
+    edited_nll.__qualname__ = nll.__qualname__
+    assert not pockc.score_layers(model, loss_fn, train, val, **{**kw, "metric": edited_nll}).cached
+
+
+def test_the_code_fingerprint_is_the_same_in_every_process():
+    """Set literals are frozenset constants whose order depends on PYTHONHASHSEED; the key must not."""
+    import subprocess
+    import sys
+    prog = ("from pockc.scoring import code_fingerprint\n"
+            "def loss_fn(m, x, y):\n    return 1.0 if y in {'alpha', 'beta', 'gamma', 'delta'} else 0.0\n"
+            "print(code_fingerprint(loss_fn))\n")
+    keys = {subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(keys) == 1 and len(next(iter(keys))) == 24, keys
+
+
+# --- scores measured on another model are refused -----------------------------------------------
+
+class Wider(Net):
+    def __init__(self):
+        super().__init__()
+        self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 3)
+        self.muted, self.dead = nn.Linear(32, 3), nn.Linear(32, 16)
+
+
+def test_scores_store_the_model_and_another_model_is_refused(model, tmp_path):
+    from pockc.scoring import check_scores_match, model_fingerprint
+    train, val = _data()
+    s = pockc.score_layers(model, loss_fn, train, val, metric=nll, steps=2, max_layers=2, cache_dir=False)
+    assert s.model == model_fingerprint(model) and ["a.weight", [16, 8]] in s.model["parameters"]
+    s.to_json(tmp_path / "s.json")
+    loaded = pockc.LayerScores.from_json(tmp_path / "s.json")
+    assert loaded.model == s.model
+    torch.manual_seed(1)
+    check_scores_match(loaded, Net())                 # the same architecture, other weights: fine
+    with pytest.raises(pockc.CompileError, match="another model .*'b.weight' is 16x16 there but 32x16 here"):
+        check_scores_match(loaded, Wider())
+    with pytest.raises(pockc.CompileError, match="another model .*lacks: a.weight"):
+        check_scores_match(loaded, nn.Sequential(nn.Linear(8, 3)))
+    # scores without a fingerprint (hand-made, or from an older pockc): their layers must exist
+    check_scores_match(pockc.LayerScores({("b", "full"): 0.1}), model)
+    with pytest.raises(pockc.CompileError, match="layer\\(s\\) this model does not have: blocks.3"):
+        check_scores_match(pockc.LayerScores({("blocks.3", "full"): 0.1}), model)
+
+
+def test_compile_refuses_scores_of_another_model(model):
+    train, val = _data()
+    s = pockc.score_layers(model, loss_fn, train, val, metric=nll, steps=2, max_layers=2, cache_dir=False)
+    with pytest.raises(pockc.CompileError, match="another model"):
+        pockc.compile(Wider(), loss_fn, train[0], budget="64KB", scores=s)
