@@ -70,8 +70,10 @@ def defer_writes(gm: fx.GraphModule, layout=None) -> PassResult:
         return PassResult(gm, False)
     for w in late:
         deps[w].add(loss)
-    # Kahn's algorithm, always taking the ready node that comes first in the current order: the
-    # order changes only where the new edges force it.
+    # Kahn's algorithm, always taking the ready node that comes first in the current order -- the
+    # loss first of all, as soon as it can run: the order changes only where the new edges force
+    # it, and the writers (with the update groups after them) move no later than the loss.
+    pos = {**pos, loss: -1}
     users = {n: [] for n in body}
     left = {n: len(deps[n]) for n in body}
     for n in body:

@@ -57,16 +57,39 @@ def mutated_args(node: fx.Node) -> list:
     return out
 
 
+# Ops whose outputs alias their first argument at run time although their schemas do not say so.
+UNMARKED_VIEWS = {aten._unsafe_view.default, aten.alias.default, aten.unsafe_split.Tensor,
+                  aten.unsafe_split_with_sizes.default, aten.unsafe_chunk.default}
+
+
 def is_view(node: fx.Node) -> bool:
-    """True when ``node``'s output aliases its first argument (views, and _unsafe_view, which
-    returns a view at run time although its schema does not say so)."""
+    """True when ``node``'s output aliases its first argument (views, and the UNMARKED_VIEWS:
+    _unsafe_view, unsafe_split, ..., which return views at run time although their schemas do
+    not say so). For a multi-output op (split) every output aliases it."""
     if not is_aten(node):
         return False
-    if node.target in (aten._unsafe_view.default, aten.alias.default):
+    if node.target in UNMARKED_VIEWS:
         return True
     schema = node.target._schema
     ret = schema.returns[0].alias_info if schema.returns else None
     return ret is not None and not ret.is_write and not schema.is_mutable
+
+
+def returns_input(node: fx.Node):
+    """For an in-place or out= op, the argument its result aliases (``add_`` returns self,
+    ``mm.out`` its ``out``), else None."""
+    if not is_aten(node):
+        return None
+    schema = node.target._schema
+    ret = schema.returns[0].alias_info if schema.returns else None
+    if ret is None or not ret.is_write:
+        return None
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write and set(a.alias_info.before_set) & set(ret.before_set):
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            if isinstance(v, fx.Node):
+                return v
+    return None
 
 
 def is_impure(node: fx.Node) -> bool:

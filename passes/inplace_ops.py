@@ -88,6 +88,7 @@ def inplace_ops(gm: fx.GraphModule, layout=None) -> PassResult:
         for a in n.all_input_nodes:
             for s in flat(root.get(a)):
                 last_read[id(s)] = max(last_read.get(id(s), -1), pos[n])
+    moved = {}                                      # id(storage no longer made) -> the one used
     changed = False
     for n in nodes:
         spec = INPLACE.get(n.target) or INTO_INPUT.get(n.target) if n.op == "call_function" else None
@@ -104,8 +105,8 @@ def inplace_ops(gm: fx.GraphModule, layout=None) -> PassResult:
             if last_read.get(id(s)) != pos[n]:
                 continue                            # someone reads x after n
             others = [a for i, a in enumerate(n.args) if i != k and isinstance(a, fx.Node)]
-            if any(o2 is s for a in others for o2 in flat(root.get(a))):
-                continue
+            if any(moved.get(id(o2), o2) is s for a in others for o2 in flat(root.get(a))):
+                continue                            # another argument is x or a view of it
             if not _same_layout(x.meta.get("val"), n.meta.get("val")):
                 continue
             args = list(n.args)
@@ -121,6 +122,8 @@ def inplace_ops(gm: fx.GraphModule, layout=None) -> PassResult:
                 n.args = tuple(args)
             old = made.get(n, [])
             root[n], made[n] = s, [s]               # n now writes and returns x's storage
+            for o in old:                           # and so do the views of n (root[] of a view
+                moved[id(o)] = s                    # still names n's old storage)
             last_read[id(s)] = max([last_read.get(id(o), -1) for o in old] + [pos[n]])
             changed = True
             break

@@ -15,14 +15,20 @@ Every tensor storage the step touches is one entry:
 
 Kinds of transient storage: *saved activation* (made by the forward pass and still alive once
 the backward pass starts), *gradient* (made by the backward pass and read by an optimizer
-update), *temporary* (everything else, including the loss and activation gradients).
+update), *temporary* (everything else, including the loss and activation gradients), and
+*workspace*: the scratch a kernel allocates and frees inside itself (oneDNN's scratchpad and
+reorders in convolutions, per-thread buffers of batch-norm backward, wrapped Python numbers),
+alive only at its node. Its size is measured once per distinct call at compile time
+(passes/workspace.py: the op run on real tensors of its shapes under an allocator-level
+measurement) as ``max(0, peak of the call's new allocations - the bytes of its own outputs)``.
 
-The peak is taken at each node with its inputs and outputs alive, which is what the exact CPU
-tracker in runtime/memory.py measures. Storage sizes come from the nodes' fake values
-(refreshed by insert_optimizer), so the plan is exact for the aten graph as it will run; memory a
-kernel allocates and frees internally (oneDNN scratch) is invisible to both. On CUDA sizes are
-rounded to the caching allocator's 512-byte blocks; library workspaces (cuBLAS, cuDNN) are not
-modelled and have not been measured yet (no GPU so far).
+The peak is taken at each node with its inputs, outputs and workspace alive. Without the
+workspaces it is what the exact CPU tracker of live tensor storage in runtime/memory.py
+measures; with them, what the allocator hands out (``step.memory.measure(*batch,
+allocator=True)``). Storage sizes come from the nodes' fake values (refreshed by
+insert_optimizer), so the plan is exact for the aten graph as it will run. On CUDA sizes are
+rounded to the caching allocator's 512-byte blocks and workspaces are measured with
+``max_memory_allocated`` (untested so far: no GPU).
 
 The arena puts every writable storage at an offset: persistent ones first, then the transient
 ones by the greedy-by-size policy of TFLite's memory planner (largest first, lowest offset that
@@ -41,7 +47,7 @@ from .fx_utils import OUTPUT_MASK_ARG, alias_source, is_aten, is_view, mutated_a
 
 ALIGN = 64
 WRITABLE_KINDS = ("trainable weight", "optimizer state", "buffer", "input",
-                  "saved activation", "gradient", "temporary")
+                  "saved activation", "gradient", "temporary", "workspace")
 READONLY_KINDS = ("frozen weight", "constant")
 
 
@@ -160,9 +166,11 @@ def _placeholder_kinds(graph, layout):
     return out
 
 
-def storages_of(graph: fx.Graph, layout=None):
+def storages_of(graph: fx.Graph, layout=None, workspaces: bool = True):
     """``(storages, root, made)``: every storage, node -> its Storage (a list for multi-output
-    nodes, None for non-tensors), node -> the transient storages it allocates."""
+    nodes, None for non-tensors), node -> the transient storages it allocates. With
+    ``workspaces`` the storages include each node's kernel scratch (kind ``workspace``, alive at
+    its node only; in neither ``root`` nor ``made``: no node reads it)."""
     nodes = list(graph.nodes)
     idx = {n: i for i, n in enumerate(nodes)}
     ph_kind = _placeholder_kinds(graph, layout)
@@ -208,6 +216,12 @@ def storages_of(graph: fx.Graph, layout=None):
                            for k, v in enumerate(val)]
             elif isinstance(val, torch.Tensor):
                 root[n] = fresh(n, n.name, val)
+    if workspaces:
+        from .workspace import call_peaks
+        for n, peak in call_peaks(nodes).items():
+            ws = peak - sum(s.nbytes for s in made.get(n, ()))
+            if ws > 0:
+                storages.append(Storage(f"{n.name} (workspace)", "workspace", ws, idx[n], idx[n]))
     return storages, root, made
 
 
@@ -257,7 +271,7 @@ def plan_memory(gm: fx.GraphModule, layout=None) -> MemoryPlan:
             if not s.persistent and id(s) not in alloc_role:
                 alloc_role[id(s)] = n.meta.get("pockc.role")
     for s in storages:
-        if s.persistent:
+        if s.persistent or s.kind == "workspace":
             continue
         role = alloc_role.get(id(s))
         if role == "forward" and s.end >= first_bwd:
@@ -288,6 +302,9 @@ def plan_memory(gm: fx.GraphModule, layout=None) -> MemoryPlan:
                       persist_w, arena, [int(x) for x in live])
 
 
+_SMALL_WORKSPACE = 1024
+
+
 def _align(x):
     return (x + ALIGN - 1) // ALIGN * ALIGN
 
@@ -296,14 +313,19 @@ def _arena(storages) -> int:
     """Assign offsets: persistent writable storage first, then the transient storage by the
     best of several greedy orders (largest first, TFLite's policy; largest size x lifetime
     first; by start time), each placing an item at the lowest offset where it overlaps nothing
-    alive at the same time; plus perturbed size orders for graphs up to 600 storages."""
+    alive at the same time; plus perturbed size orders for graphs up to 600 storages. Workspaces
+    under 1 KiB (wrapped Python numbers: a few bytes at many nodes) are placed after the search,
+    largest first, into the best layout found, so that they cost the search nothing."""
     off = 0
     for s in storages:
         if s.persistent and s.kind in WRITABLE_KINDS:
             s.offset = off
             off += _align(s.nbytes)
     base = off
-    trans = [s for s in storages if not s.persistent and s.nbytes > 0]
+    small = [s for s in storages if not s.persistent and 0 < s.nbytes < _SMALL_WORKSPACE and s.kind == "workspace"]
+    ids = {id(s) for s in small}
+    trans = [s for s in storages if not s.persistent and s.nbytes > 0 and id(s) not in ids]
+    late = sorted(small, key=lambda s: (-s.nbytes, s.start))
     orders = (lambda s: (-s.nbytes, s.start),
               lambda s: (-s.nbytes * (s.end - s.start + 1), s.start),
               lambda s: (s.start, -s.nbytes))
@@ -320,6 +342,10 @@ def _arena(storages) -> int:
         if best is None or top < best[0]:
             best = (top, ordered, offsets)
     top, ordered, offsets = best
+    if late:   # the same placement for the searched items (greedy is sequential), then the rest
+        ordered = ordered + late
+        offsets = greedy_by_size([(s.start, s.end, _align(s.nbytes)) for s in ordered])
+        top = max((o + _align(s.nbytes) for s, o in zip(ordered, offsets)), default=0)
     for s, o in zip(ordered, offsets):
         s.offset = base + o
     return base + top

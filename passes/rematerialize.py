@@ -36,7 +36,8 @@ mutated in place later) -- otherwise it is cloned too, or the candidate is infea
 
 Decision (``solver``): a linear model of memory over the schedule -- recomputing S saves its bytes
 between its last forward reader and its first backward reader, and costs keeping directly-used
-inputs (and saved generator states) alive until the clone; paging S saves its bytes between the
+inputs (and saved generator states) alive until the clone, and the largest kernel workspace of
+the cloned ops (plan_memory's ``workspace`` storages) at the clone; paging S saves its bytes between the
 two copies' waits -- and the cost model of pockc/remat_cost.py (estimated seconds of the cloned ops
 and of the copies not hidden by compute, or joules with ``objective="energy"``; a device profile
 describes another device). ``greedy`` covers the current maximum excess over the target with the
@@ -249,8 +250,9 @@ class _Graph:
         self.sec = [cost.seconds(n) for n in nodes]     # estimated seconds per node (paging windows)
         pos = self.pos = {n: i for i, n in enumerate(nodes)}
         self.first_bwd = min((pos[n] for n in nodes if n.meta.get("pockc.role") == "backward"), default=len(nodes))
-        self.storages, self.root, _ = storages_of(graph, layout)
+        self.storages, self.root, _ = storages_of(graph, layout)   # kernel workspaces included
         self.timeline, self.persist = _liveness(nodes, self.storages, self.root)
+        self.workspace = {s.start: s.nbytes for s in self.storages if s.kind == "workspace"}   # pos -> bytes
         self.writes = {}
         for n in nodes:
             for a in mutated_args(n):
@@ -353,6 +355,9 @@ class _Graph:
                 c.pen = self._penalties(direct, p)
                 c.pen += [(self.pos[m], p - 1, _state_bytes(m.meta["val"].device))   # saved generator states
                           for m in order if self.spec(m)[0] is rng.replay]
+                ws = max((self.workspace.get(self.pos[m], 0) for m in order), default=0)
+                if ws:          # the clones' kernel scratch (one at a time), right before p
+                    c.pen.append((p, p, ws))
                 cands.append(c)
             except _Infeasible:
                 pass
@@ -553,7 +558,8 @@ def _fake_bytes(like, nbytes):
 
 
 def _liveness(nodes, storages, root):
-    """Live writable bytes per position, as plan_memory computes them (without the arena)."""
+    """Live writable bytes per position, as plan_memory computes them (without the arena): kernel
+    workspaces (storages_of's ``workspace`` storages, alive at their node) included."""
     idx = {n: i for i, n in enumerate(nodes)}
     for n in nodes:
         i = idx[n]

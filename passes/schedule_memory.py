@@ -9,8 +9,8 @@ an op that only allocates can wait until its value is needed.
 Dependencies respected: data edges; for every storage (through views), the order between each op
 that writes it in place (optimizer updates, batch-norm statistics, ``index_copy_``) and every op
 that reads or writes it; the relative order of random ops (so dropout draws the same numbers) and
-of other side-effecting ops; and every write of a step input the loss does not depend on after the
-loss (passes/defer_writes.py: a step that fails in its forward pass changes no state).
+of other side-effecting ops. (passes/defer_writes.py runs after it and moves writes of step inputs
+that the loss does not depend on after the loss.)
 
 Candidate orders, each simulated with plan_memory's exact liveness, lowest peak kept (ties keep
 the current order):
@@ -32,7 +32,6 @@ import torch
 import torch.fx as fx
 
 from .fx_utils import PassResult, is_aten, mutated_args, reorder
-from .defer_writes import deferred_writers, loss_node
 from .plan_memory import flat, plan_memory, storages_of
 
 
@@ -79,9 +78,6 @@ def _orders(graph: fx.Graph, layout):
     users = defaultdict(list)
     for n in body:
         deps[n] = {d for d in deps[n] if d in inbody}
-    loss = loss_node(graph)
-    for w in deferred_writers(body, deps, root, loss):   # passes/defer_writes.py's rule
-        deps[w].add(loss)
     for n in body:
         for d in deps[n]:
             users[d].append(n)

@@ -10,21 +10,25 @@ Invariant: every node that read a parameter before scheduling still reads the ol
 """
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 
 import torch.fx as fx
 
-from .fx_utils import PassResult, is_view, mutated_args, reorder
+from .fx_utils import PassResult, is_view, mutated_args, reorder, returns_input
 
 
 def storage_roots(graph: fx.Graph) -> dict:
-    """node -> the node whose storage it aliases (itself for non-views)."""
+    """node -> the node whose storage it aliases (itself for non-views): views, the outputs of a
+    splitting view (``split(x)[i]``), and the result of an in-place or out= op (``mm.out``
+    returns its ``out``) alias their source."""
     root = {}
     for n in graph.nodes:
-        if is_view(n) and isinstance(n.args[0], fx.Node):
-            root[n] = root.get(n.args[0], n.args[0])
-        else:
-            root[n] = n
+        src = n.args[0] if is_view(n) and n.args else returns_input(n)
+        if (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+                and is_view(n.args[0])):
+            src = n.args[0]
+        root[n] = root.get(src, src) if isinstance(src, fx.Node) else n
     return root
 
 
@@ -41,14 +45,20 @@ def schedule_updates(gm: fx.GraphModule) -> PassResult:
         return PassResult(gm, False)
 
     readers = defaultdict(list)  # storage root -> nodes that use an alias of it
+    writers = defaultdict(list)  # storage root -> nodes that write an alias of it in place
     for n in nodes:
         for a in n.all_input_nodes:
             readers[root[a]].append(n)
+        for w in mutated_args(n):
+            writers[root[w]].append(n)
 
     ready_after = defaultdict(list)  # non-update node -> groups that may run right after it
     for name, members in groups.items():
         inside = set(members)
         deps = [a for m in members for a in m.all_input_nodes if a not in inside]
+        # a gradient finished by an in-place write into an alias of it (``copy_`` into a view of
+        # the zeros the backward of as_strided_scatter fills) is final only after that write
+        deps += [w for d in list(deps) for w in writers[root[d]] if w not in inside]
         for m in members:
             for w in mutated_args(m):
                 deps += [r for r in readers[root[w]] if r not in inside]

@@ -81,9 +81,9 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
         ("insert_optimizer", lambda g: insert_optimizer(g, layout, optimizer)),  # in-place updates
         ("plan_memory(before)", lambda g: _record_peak_before(g, layout)),  # for the report
         ("schedule_updates", schedule_updates),                           # update right after grad
-        ("defer_writes", lambda g: defer_writes(g, layout)),             # no state written before the loss
     ] + ([("schedule_memory", lambda g: schedule_memory(g, layout)),   # reorder for a lower peak
-          ("inplace_ops", lambda g: inplace_ops(g, layout))] if schedule else []))  # reuse dying inputs
+          ("inplace_ops", lambda g: inplace_ops(g, layout))] if schedule else [])  # reuse dying inputs
+        + [("defer_writes", lambda g: defer_writes(g, layout))])         # no state written before the loss
     return gm, layout
 
 

@@ -14,7 +14,8 @@ later layers matter more and biases are cheapest: ``benefit = depth**2 * OPTION_
 with ``depth = (k + 1) / K`` for the k-th of K candidate layers.
 
 Cost: the ``bias`` and ``full`` options of every candidate layer are compiled and planned alone
-(pockc's own pipeline, exact peak). A ``channels:R`` option differs from ``full`` only in the
+(pockc's own pipeline, exact peak, the kernels' measured workspaces included: plan_memory). A
+``channels:R`` option differs from ``full`` only in the
 trained rows of the weight, its gradient and its optimizer state, so its peak is estimated as
 ``peak(full) - (1 - R) * weight_bytes * (2 + optimizer state tensors)`` (never below ``bias``),
 marked ``~`` in the table. A plan's peak is modelled as ``base + sum(peak(option) - base)`` with
@@ -34,7 +35,7 @@ import torch
 
 from pockc.errors import BudgetError, CompileError
 from pockc.memory import format_bytes
-from pockc.plan import Rule, UpdatePlan, _is_norm
+from pockc.plan import Rule, UpdatePlan, _is_norm, parameter_names, tied_parameters
 
 CHANNEL_RATIOS = (0.125, 0.25, 0.5)
 OPTION_PRIOR = {"bias": 0.3, "channels:0.125": 0.45, "channels:0.25": 0.55, "channels:0.5": 0.75, "full": 1.0}
@@ -129,9 +130,11 @@ def _layers_of(param_names) -> str:
 
 
 def _plan_of(model, rules) -> UpdatePlan:
+    _, canonical = parameter_names(model)      # a rule on a tied alias (lm_head.weight) trains the tensor
+    rules = {canonical.get(n, n): r for n, r in rules.items()}
     names = [n for n, _ in model.named_parameters()]
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes)
+    return UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes, tied_parameters(model))
 
 
 def knapsack(groups, capacity: int, units: int = DP_UNITS):
@@ -191,7 +194,7 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
         raise BudgetError("the model has no floating-point parameters to fine-tune")
     layers = list(dict.fromkeys(m for m, _, _ in opts))
     depth = {m: (k + 1) / len(layers) for k, m in enumerate(layers)}
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))   # tied aliases too (lm_head.weight)
     cands = [Candidate(m, o, rules) for m, o, rules in opts]
     probed = [c for c in cands if not c.option.startswith("channels:")]
     failed = {}

@@ -4,8 +4,12 @@
 optimizer state, buffers the step writes, the batch, saved activations, gradients and
 temporaries); frozen weights are read-only and reported apart (``readonly_bytes``).
 ``step.memory.measure(*batch)`` runs one real training step and returns the same quantity
-measured: the writable inputs' bytes plus the peak of storage allocated during the step, tracked
-exactly on CPU (runtime/memory.py) and by ``torch.cuda.max_memory_allocated`` on CUDA.
+measured: the writable inputs' bytes plus the peak of the step's new allocations *at the
+allocator*, the scratch kernels allocate inside themselves included (CPU: torch.profiler's
+allocation events, runtime/memory.py AllocatorPeakTracker; CUDA: ``max_memory_allocated``) --
+the figure the planned peak, with its ``workspace`` storages, bounds.
+``measure(*batch, allocator=False)`` (``measure_storage``) tracks live tensor storage instead,
+exactly (runtime/memory.py CpuPeakTracker): that equals the plan less its workspaces.
 """
 from __future__ import annotations
 
@@ -80,9 +84,22 @@ class StepMemory:
     def readonly_bytes(self) -> int:
         return self.plan.readonly_bytes
 
-    def measure(self, *batch) -> int:
+    @property
+    def workspace_bytes(self) -> int:
+        """Kernel scratch alive at the peak (part of ``peak_bytes``)."""
+        return self.plan.breakdown.get("workspace", 0)
+
+    def measure(self, *batch, allocator: bool = True) -> int:
         """Run one real training step on ``batch`` (parameters are updated, as by ``step(*batch)``)
-        and return its measured peak of writable memory in bytes."""
+        and return its measured peak of writable memory in bytes: the writable inputs plus the
+        peak of the step's new allocations at the allocator, kernel scratch included (the figure
+        ``peak_bytes``, workspaces included, bounds; DESIGN.md). ``allocator=False`` measures live
+        tensor storage instead (runtime/memory.py CpuPeakTracker: exact, but blind to scratch a
+        kernel allocates inside itself; it equals the plan without its workspaces). On CUDA both
+        are ``max_memory_allocated``. Where the allocator cannot be measured (another
+        torch.profiler session is active) this warns and measures tensor storage. Sets
+        ``last_loss``, ``last_measured``, ``last_measured_transient`` (the step's part) and
+        ``last_measured_at`` ("allocator" or "storage")."""
         from pockc.runtime.memory import storage_bytes, track_peak
 
         step = self._step
@@ -104,12 +121,27 @@ class StepMemory:
                 whole.append(t)
         base += storage_bytes(whole)
         run = step._executable(gm, inputs)
-        with torch.no_grad(), track_peak(device) as tracker:
+        if allocator and device.type == "cpu" and torch.autograd.profiler._is_profiler_enabled:
+            import warnings
+            warnings.warn("pockc: a torch.profiler session is active, so step.memory.measure() measures live "
+                          "tensor storage (kernel scratch not included) instead of the allocator", stacklevel=2)
+            allocator = False
+        with torch.no_grad(), track_peak(device, allocator=allocator) as tracker:
             out = run(*inputs)
         step.step_count += 1
         self.last_loss = out[0] if isinstance(out, (tuple, list)) else out
         self.last_measured_transient = tracker.peak
-        return base + tracker.peak
+        self.last_measured = base + tracker.peak
+        self.last_measured_at = "allocator" if allocator or device.type != "cpu" else "storage"
+        return self.last_measured
+
+    def measure_allocator(self, *batch) -> int:
+        """``measure(*batch, allocator=True)``: one real step, its peak at the allocator."""
+        return self.measure(*batch, allocator=True)
+
+    def measure_storage(self, *batch) -> int:
+        """``measure(*batch, allocator=False)``: one real step, its peak of live tensor storage."""
+        return self.measure(*batch, allocator=False)
 
     def table(self, budget: int | None = None) -> str:
         return self.plan.table(budget)

@@ -106,7 +106,8 @@ def _explain(exc, stack, what):
     name = type(exc).__name__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
     data_dep = ("DataDependent" in name or "GuardOnDataDependent" in name or "DynamicOutputShape" in name
-                or "data-dependent" in str(exc).lower() or "data dependent" in str(exc).lower())
+                or "data-dependent" in str(exc).lower() or "data dependent" in str(exc).lower()
+                or "data is not allocated yet" in text)   # a kernel read a traced tensor's values
     if isinstance(exc, _OpCheck):
         reason, hint = exc.reason, exc.hint
     elif data_dep:
@@ -279,6 +280,10 @@ def trace_joint(model, loss_fn, batch, plan):
             if g is None:
                 layout.unused.append(name)
                 continue
+            if g.layout != torch.strided:
+                raise CompileError(f"the gradient of '{name}' is a {str(g.layout).replace('torch.', '')} tensor "
+                                   "(nn.Embedding / F.embedding with sparse=True?); pockc updates dense tensors "
+                                   "only: use sparse=False")
             sel = sels[name]
             if sel is not None:
                 if sel[0] == "slice":

@@ -36,23 +36,52 @@ taken after every op, when its inputs and outputs are both alive.
 
 Limits of the CPU tracker: memory a kernel allocates internally and frees before returning
 (oneDNN / MKL scratch, the temporaries of a fused SDPA kernel, im2col buffers of the slow conv
-path) never appears as a tensor and is not seen -- it is transient and missing from eager's and
-pockc's figures alike;
+path) never appears as a tensor and is not seen -- :class:`AllocatorPeakTracker` below sees it,
+and pockc's plan models it as ``workspace`` storage (passes/workspace.py);
 tensors made without the dispatcher (``torch.from_numpy``, ``torch.frombuffer``) are not seen;
 allocator rounding/caching is not modelled (bytes are ``storage.nbytes()``). Tensors created by
 ``torch.tensor(...)`` are seen through ``aten.lift_fresh``. The mode costs Python work per op:
 measure in an untimed call.
 
+CPU: at the allocator (kernel scratch included)
+-----------------------------------------------
+:class:`AllocatorPeakTracker` (``track_peak(device, allocator=True)``,
+:func:`measure_allocator_peak`) reports the same quantity as the c10 CPU allocator sees it: the
+high-water mark of the bytes allocated during the call and not yet freed, *including* the scratch
+a kernel allocates and frees inside itself (oneDNN's scratchpad and reorder buffers in
+``mkldnn_convolution`` / ``convolution_backward``, the per-thread buffers of
+``native_batch_norm_backward``, the 0-dim tensors a Python number is wrapped into). It runs a
+torch.profiler (kineto) session with ``profile_memory`` and reads its allocation events: every
+``[memory]`` event carries the pointer and the signed size; a free of a pointer allocated before
+the session (which the profiler reports without a size) is ignored, so pre-existing storage is
+excluded exactly as in the tracker above. Sizes are the bytes requested (``storage.nbytes()``);
+c10 aligns each block to 64 bytes, which is not counted (pockc's arena aligns its offsets to 64
+bytes itself). Allocations made by intra-op worker threads are reported only where torch carries
+the profiler state into them; ATen's kernels allocate their outputs and scratch on the calling
+thread. The session costs about 1.5 ms plus a few microseconds per op; it cannot run while
+another torch.profiler session is active (RuntimeError). glibc's malloc behaviour (runtime/heap.py
+keeps freed memory mapped) does not change these figures. kineto prints a line at every session
+start and stop unless ``KINETO_LOG_LEVEL`` is set before its first use: this module sets it to 6
+(silent) when it is unset.
+
+``windows``: allocations inside ``torch.autograd.profiler.record_function(name)`` blocks whose
+name starts with ``window_prefix`` are summarized per block (``.windows[name] = (peak, retained)``:
+the peak of new allocations inside the block above its start, and what was still allocated at its
+end); passes/workspace.py measures the scratch of many ops in one session this way.
+
 CUDA
 ----
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
 ``memory_allocated`` at entry: the same quantity (peak of new allocations), as seen by the
-caching allocator (block-rounded, and including kernel workspaces).
+caching allocator (block-rounded, and including kernel workspaces). ``allocator=True`` changes
+nothing there: the caching allocator's figure is allocator-level already.
 
 This module imports torch only; it is part of pockc's runtime.
 """
 from __future__ import annotations
 
+import bisect
+import os
 import threading
 import weakref
 
@@ -60,7 +89,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["measure_peak", "measure_peak_total", "storage_bytes", "CpuPeakTracker", "track_peak"]
+__all__ = ["measure_peak", "measure_peak_total", "measure_allocator_peak", "storage_bytes", "CpuPeakTracker",
+           "AllocatorPeakTracker", "track_peak"]
 
 # ops whose output may be an input tensor object the mode has never seen (torch.tensor(...)).
 _FRESH = {torch.ops.aten.lift_fresh.default}
@@ -196,8 +226,92 @@ class _CudaPeak:
         return False
 
 
-def track_peak(device="cpu"):
-    """Context manager; ``.peak`` holds the peak bytes allocated inside the block on exit.
+class AllocatorPeakTracker:
+    """Peak of new allocations at the c10 CPU allocator during a block (kernel scratch included),
+    read from a torch.profiler session's memory events (see the module docstring).
+
+    Attributes after exit: ``peak``, ``retained`` (bytes allocated inside and still allocated at
+    exit), ``allocations`` (number of allocations seen), ``total_allocated`` (their bytes) and
+    ``windows`` (name -> ``(peak, retained)`` of each ``record_function`` block whose name starts
+    with ``window_prefix``; empty when ``window_prefix`` is None).
+    """
+
+    def __init__(self, window_prefix: str | None = None):
+        self.window_prefix = window_prefix
+        self.peak = self.retained = self.allocations = self.total_allocated = 0
+        self.windows = {}
+        self._on = False
+
+    def __enter__(self):
+        from torch._C._profiler import ProfilerActivity, _ExperimentalConfig
+        from torch.autograd import ProfilerConfig, ProfilerState, _enable_profiler, _prepare_profiler
+        if torch.autograd.profiler._is_profiler_enabled:
+            raise RuntimeError("AllocatorPeakTracker: a torch.profiler session is already active; the "
+                               "allocator-level measurement needs its own")
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # kineto logs each start/stop otherwise
+        cfg = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
+        _prepare_profiler(cfg, {ProfilerActivity.CPU})
+        _enable_profiler(cfg, {ProfilerActivity.CPU})
+        self._on = True
+        return self
+
+    def __exit__(self, *exc):
+        from torch.autograd import _disable_profiler
+        if not self._on:
+            return False
+        self._on = False
+        result = _disable_profiler()
+        if exc[0] is None:
+            self._summarize(result.experimental_event_tree())
+        return False
+
+    def _summarize(self, roots):
+        alloc_tag = torch._C._profiler._EventType.Allocation
+        events, marks, stack, seq = [], [], list(roots), 0
+        prefix = self.window_prefix
+        while stack:
+            e = stack.pop()
+            if e.tag == alloc_tag:
+                f = e.extra_fields
+                if f.device.type == "cpu" and f.alloc_size:
+                    events.append((e.start_time_ns, seq, f.ptr, f.alloc_size))
+                    seq += 1
+            else:
+                if prefix is not None and e.name.startswith(prefix):
+                    marks.append((e.name, e.start_time_ns, e.end_time_ns))
+                stack.extend(e.children)
+        events.sort()
+        times, running = [], []        # running bytes of new allocations after each event
+        live, cur, peak, n, total = {}, 0, 0, 0, 0
+        for t, _, ptr, size in events:
+            if size > 0:
+                live[ptr] = live.get(ptr, 0) + size
+                cur += size
+                n += 1
+                total += size
+            else:
+                got = live.pop(ptr, None)   # None: allocated before the session -> not new
+                if got is None:
+                    continue
+                cur -= got
+            peak = max(peak, cur)
+            times.append(t)
+            running.append(cur)
+        self.peak, self.retained, self.allocations, self.total_allocated = peak, cur, n, total
+        self.windows = {}
+        for name, t0, t1 in marks:
+            lo = bisect.bisect_left(times, t0)
+            hi = bisect.bisect_right(times, t1)
+            before = running[lo - 1] if lo else 0
+            inside = running[lo:hi]
+            self.windows[name] = (max(inside, default=before) - before, (inside[-1] if inside else before) - before)
+
+
+def track_peak(device="cpu", allocator: bool = False):
+    """Context manager; ``.peak`` holds the peak bytes allocated inside the block on exit: live
+    tensor storage (:class:`CpuPeakTracker`), or with ``allocator=True`` what the allocator handed
+    out, kernel scratch included (:class:`AllocatorPeakTracker`; on CUDA both are the caching
+    allocator's figure).
 
     >>> with track_peak() as t:
     ...     x = torch.empty(1000, dtype=torch.uint8)
@@ -210,7 +324,7 @@ def track_peak(device="cpu"):
         return _CudaPeak(device)
     if device.type != "cpu":
         raise ValueError(f"measure_peak: unsupported device {device}")
-    return CpuPeakTracker()
+    return AllocatorPeakTracker() if allocator else CpuPeakTracker()
 
 
 def _device_of(args, kwargs):
@@ -261,3 +375,18 @@ def measure_peak_total(fn, *args, tensors=(), **kwargs):
     baseline = storage_bytes(flat)
     result, peak = measure_peak(fn, *args, **kwargs)
     return result, baseline + peak
+
+
+def measure_allocator_peak(fn, *args, **kwargs):
+    """Like :func:`measure_peak`, at the allocator: ``(result, peak_bytes)`` with ``peak_bytes``
+    the peak of new allocations during the call as the allocator saw them, scratch that kernels
+    allocate and free inside themselves included (CPU: :class:`AllocatorPeakTracker`; CUDA:
+    ``max_memory_allocated``).
+
+    >>> _, peak = measure_allocator_peak(lambda: torch.zeros(256, dtype=torch.float32) + 1)
+    >>> peak >= 2048
+    True
+    """
+    with track_peak(_device_of((fn,) + args, kwargs), allocator=True) as t:
+        result = fn(*args, **kwargs)
+    return result, t.peak

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pockc.runtime import memory
-from pockc.runtime.memory import CpuPeakTracker, measure_peak, measure_peak_total, storage_bytes, track_peak
+from pockc.runtime.memory import (AllocatorPeakTracker, CpuPeakTracker, measure_allocator_peak, measure_peak,
+                                  measure_peak_total, storage_bytes, track_peak)
 
 KB = 1024
 
@@ -185,6 +186,62 @@ def test_device_detection_cpu():
     assert memory._device_of((torch.nn.Linear(2, 2),), {}) == torch.device("cpu")
     with pytest.raises(ValueError):
         track_peak("meta")
+
+
+# -- at the allocator (torch.profiler memory events) ----------------------------------------
+def test_allocator_known_allocations_exact():
+    def fn():
+        a = u8(4 * KB)
+        del a
+        b = u8(3 * KB)
+        c = u8(1 * KB)
+        return b, c
+    _, peak = measure_allocator_peak(fn)
+    assert peak == 4 * KB
+    with AllocatorPeakTracker() as t:
+        keep = fn()
+    assert t.peak == 4 * KB and t.retained == 4 * KB and t.allocations == 3
+    del keep
+
+
+def test_allocator_excludes_preexisting_and_sees_kernel_scratch():
+    pre = u8(8 * KB)
+    x = torch.randn(1, 3, 64, 64)
+    w = torch.randn(8, 3, 3, 3)
+
+    def fn():
+        nonlocal pre
+        pre = None                       # freeing pre-existing storage does not lower the peak
+        return torch.conv2d(x, w, stride=2, padding=1)   # batch 1, 3 channels: ATen's im2col path
+    out, peak = measure_allocator_peak(fn)
+    _, tensors = measure_peak(lambda: torch.conv2d(x, w, stride=2, padding=1))
+    assert tensors == out.untyped_storage().nbytes() == 8 * 32 * 32 * 4
+    assert peak >= tensors + 3 * 9 * 32 * 32 * 4          # + the im2col buffer, never a tensor
+
+
+def test_allocator_windows():
+    with AllocatorPeakTracker(window_prefix="w:") as t:
+        keep = []
+        for k, n in enumerate((1000, 3000)):
+            with torch.autograd.profiler.record_function(f"w:{k}"):
+                tmp = u8(2 * n)
+                keep.append(u8(n))
+                del tmp
+        with torch.autograd.profiler.record_function("other"):
+            keep.append(u8(10))
+    assert t.windows == {"w:0": (3000, 1000), "w:1": (9000, 3000)}
+    assert t.peak == 1000 + 9000 and t.retained == 4010
+
+
+def test_allocator_tracker_refuses_a_running_profiler():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        with pytest.raises(RuntimeError, match="already active"):
+            with AllocatorPeakTracker():
+                pass
+    with track_peak("cpu", allocator=True) as t:   # usable again afterwards
+        keep = u8(100)
+    assert t.peak == 100
+    del keep
 
 
 def test_doctests():

@@ -185,20 +185,23 @@ def mcu():
     return _mcu()
 
 
-@pytest.mark.parametrize("budget", ["200KB", "256KB", "320KB", "512KB"])
+# 200KB no longer fits: the planned peak now includes kernel workspaces, and the MCU CNN's first
+# convolution (1x3x64x64, batch 1) takes ATen's im2col path, 108 KB of scratch (passes/workspace.py)
+@pytest.mark.parametrize("budget", ["256KB", "320KB", "512KB"])
 def test_budget_sweep_chosen_plan_fits(mcu, budget):
     model = mcu.model()
     step = pockc.compile(model, mcu.loss_fn, mcu.example_batch(), optimizer=mcu.optimizer(), budget=budget)
     b = parse_bytes(budget)
     assert step.memory.peak_bytes <= b and step.memory.arena_bytes <= b
     assert step.selection.peak == step.memory.plan.required_bytes
-    measured = step.memory.measure(*mcu.example_batch())
+    measured = step.memory.measure(*mcu.example_batch())          # at the allocator: scratch included
     assert measured <= step.memory.peak_bytes <= 1.1 * measured
+    assert step.memory.plan.by_kind("workspace")
 
 
 def test_larger_budget_trains_at_least_as_much(mcu):
     counts = []
-    for budget in ("200KB", "320KB", "4MB"):
+    for budget in ("256KB", "320KB", "4MB"):
         step = pockc.compile(mcu.model(), mcu.loss_fn, mcu.example_batch(), optimizer=mcu.optimizer(), budget=budget)
         counts.append(step.update_plan.counts()[0])
     assert counts[0] <= counts[1] <= counts[2]

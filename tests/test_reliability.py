@@ -431,3 +431,13 @@ def test_channel_sparse_rows_of_a_tied_weight_sum_both_uses():
     assert_same(m_c, m_e)
     assert not torch.equal(m_c.emb.weight[2], model.emb.weight[2])
     assert torch.equal(m_c.emb.weight[0], model.emb.weight[0])
+
+
+def test_budget_selection_trains_a_tied_head_it_chooses():
+    torch.manual_seed(0)
+    model = HandTied()
+    batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 20, (4, 5)))
+    full = pockc.compile(copy.deepcopy(model), tied_loss, batch, update="full")
+    step = pockc.compile(copy.deepcopy(model), tied_loss, batch, budget=full.memory.plan.required_bytes)
+    # the prior picks the last layer first: the head, whose weight is the embedding's tensor
+    assert "emb.weight" in step.update_plan.trainable_names()

@@ -149,7 +149,7 @@ def test_new_batch_shape_replays_recomputation():
     step = pockc.compile(ex.model, ex.loss_fn, ex.example_batch, update="full", optimizer=pockc.SGD(**OPT),
                          budget=_budget("llama", 0.6))
     ids, labels = ex.example_batch
-    with pytest.warns(UserWarning, match="batch shapes differ"):
+    with pytest.warns(UserWarning, match="batch shapes or constants differ"):
         loss = step(ids[:1], labels[:1])
     assert torch.isfinite(loss)
     gm = step._graph_for((ids[:1], labels[:1]))
