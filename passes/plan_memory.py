@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .fx_utils import OUTPUT_MASK_ARG, alias_source, is_aten, is_view, mutated_args
+from .fx_utils import OUTPUT_MASK_ARG, alias_source, is_view, mutated_args, returns_input
 
 ALIGN = 64
 WRITABLE_KINDS = ("trainable weight", "optimizer state", "buffer", "input",
@@ -125,22 +125,6 @@ def _nbytes(val) -> int:
     return nbytes
 
 
-def _returns_input(node):
-    """For an in-place / out-style op, the argument its result aliases (``add_`` returns self)."""
-    if not is_aten(node):
-        return None
-    schema = node.target._schema
-    ret = schema.returns[0].alias_info if schema.returns else None
-    if ret is None or not ret.is_write:
-        return None
-    for i, a in enumerate(schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write and set(a.alias_info.before_set) & set(ret.before_set):
-            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
-            if isinstance(v, fx.Node):
-                return v
-    return None
-
-
 def _placeholder_kinds(graph, layout):
     """placeholder node -> (kind, writable fraction)."""
     if layout is None:
@@ -205,7 +189,7 @@ def storages_of(graph: fx.Graph, layout=None, workspaces: bool = True):
             parent = root.get(n.args[0])
             root[n] = parent[n.args[1]] if isinstance(parent, list) else parent
         elif n.op == "call_function":
-            src = n.args[0] if is_view(n) and n.args and isinstance(n.args[0], fx.Node) else _returns_input(n)
+            src = n.args[0] if is_view(n) and n.args and isinstance(n.args[0], fx.Node) else returns_input(n)
             src = alias_source(n) if src is None else src
             if src is not None:
                 r = root.get(src)
