@@ -8,8 +8,8 @@ them early (they allocate nothing) would apply them before the forward pass.
 
 Rule: every node that writes the storage of a step input (a trained parameter, optimizer state, a
 buffer) and on which the loss does not depend runs after the loss node. ``deferred_writers``
-names those nodes; this pass moves them (and what depends on them) after the loss with the least
-movement, and schedule_memory keeps the rule when it reorders. Writes the loss does depend on
+names those nodes; this pass, the last of the pipeline (after schedule_memory and inplace_ops),
+moves them (and what depends on them) after the loss with the least movement. Writes the loss does depend on
 stay where eager makes them, in the forward pass: batch norm's running statistics (the kernel that
 normalizes also updates them) and a model that updates a buffer and reads it again.
 

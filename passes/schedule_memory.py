@@ -78,7 +78,6 @@ def _orders(graph: fx.Graph, layout):
     users = defaultdict(list)
     for n in body:
         deps[n] = {d for d in deps[n] if d in inbody}
-    for n in body:
         for d in deps[n]:
             users[d].append(n)
     readers = defaultdict(set)           # storage id -> body nodes reading it

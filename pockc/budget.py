@@ -35,7 +35,7 @@ import torch
 
 from pockc.errors import BudgetError, CompileError
 from pockc.memory import format_bytes
-from pockc.plan import Rule, UpdatePlan, _is_norm, parameter_names, tied_parameters
+from pockc.plan import Rule, UpdatePlan, _is_norm, canonical_names, tied_parameters
 
 CHANNEL_RATIOS = (0.125, 0.25, 0.5)
 OPTION_PRIOR = {"bias": 0.3, "channels:0.125": 0.45, "channels:0.25": 0.55, "channels:0.5": 0.75, "full": 1.0}
@@ -130,11 +130,11 @@ def _layers_of(param_names) -> str:
 
 
 def _plan_of(model, rules) -> UpdatePlan:
-    _, canonical = parameter_names(model)      # a rule on a tied alias (lm_head.weight) trains the tensor
+    canonical = canonical_names(model)      # a rule on a tied alias (lm_head.weight) trains the tensor
     rules = {canonical.get(n, n): r for n, r in rules.items()}
     names = [n for n, _ in model.named_parameters()]
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes, tied_parameters(model))
+    return UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes, tied_parameters(canonical))
 
 
 def knapsack(groups, capacity: int, units: int = DP_UNITS):

@@ -19,7 +19,8 @@ import warnings
 import torch
 
 from pockc.errors import CompileError
-from pockc.trace import _module_tracker, _rebuild_batch, _split_batch
+from pockc.runtime.batch import batch_tensors, rebuild_batch
+from pockc.trace import _module_tracker
 
 
 class _ExportLoss(torch.nn.Module):
@@ -30,13 +31,13 @@ class _ExportLoss(torch.nn.Module):
         self.batch = batch
 
     def forward(self, *tensors):
-        return self.loss_fn(self.model, *_rebuild_batch(self.batch, tensors))
+        return self.loss_fn(self.model, *rebuild_batch(self.batch, tensors))
 
 
 def export_loss(model, loss_fn, batch):
     """Returns ``(replay_loss_fn, module execution order)``; see the module docstring."""
     batch = tuple(batch)
-    tensors = _split_batch(batch)
+    tensors = batch_tensors(batch)
     wrapper = _ExportLoss(model, loss_fn, batch)
     with _module_tracker(model) as (order, stack), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -56,7 +57,7 @@ def export_loss(model, loss_fn, batch):
 
     def replay(m, *b):
         values = {f"model.{n}": get(m) for n, get in getters.items()}
-        return torch.func.functional_call(unlifted, values, tuple(_split_batch(b)), strict=False,
+        return torch.func.functional_call(unlifted, values, tuple(batch_tensors(b)), strict=False,
                                           tie_weights=True)
 
     replay.exported_program = ep

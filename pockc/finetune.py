@@ -31,7 +31,7 @@ from pockc.lora import load_adapter as _load_adapter
 from pockc.lora import save_adapter as _save_adapter
 from pockc.memory import StepMemory
 from pockc.passes.plan_memory import plan_memory
-from pockc.plan import Rule, UpdatePlan, _blocks, match_pattern, parameter_names, resolve_update, tied_parameters
+from pockc.plan import Rule, UpdatePlan, _blocks, canonical_names, match_pattern, resolve_update, tied_parameters
 from pockc.runtime.train_step import TrainStep, selected_rows
 from pockc.trace import analyze_forward
 
@@ -91,12 +91,12 @@ def _rules_for(update, model, order, scope, adapters):
     """Rules of ``update`` (compile's policy language), limited to ``scope``. A dict pattern that
     only matches parameters outside the scope is an error, not a silent no-op."""
     params = dict(model.named_parameters())
-    all_names, canonical = parameter_names(model)     # a tied weight answers to each of its names
-    names = [n for n in all_names if canonical[n] not in adapters]
+    canonical = canonical_names(model)     # a tied weight answers to each of its names
+    names = [n for n in canonical if canonical[n] not in adapters]
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     aliases = {}
-    for n in all_names:
-        aliases.setdefault(canonical[n], []).append(n)
+    for n, c in canonical.items():
+        aliases.setdefault(c, []).append(n)
 
     def in_scope(n):   # a tied tensor is in scope when any of its names is
         return scope is None or any(scope(a) for a in aliases[canonical[n]])
@@ -248,7 +248,7 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     rules.update(_rules_for(update, model, order, scope, set(adapters)) if update != [] else {})
     params = dict(model.named_parameters())
     plan = UpdatePlan({n: rules.get(n, Rule("frozen")) for n in params}, {n: tuple(p.shape) for n, p in params.items()},
-                      tied_parameters(model))
+                      tied_parameters(canonical_names(model)))
     if not plan.trainable_names():
         raise PlanError("finetune trains nothing: pass lora=LoraConfig(...) or an update= policy")
     for n in plan.trainable_names():

@@ -297,20 +297,19 @@ def match_pattern(pattern, names) -> list:
     return hits
 
 
-def parameter_names(model):
-    """(names, canonical): ``names`` lists every name a parameter is reachable under (a tied weight,
-    ``head.weight = emb.weight``, has several), ``canonical`` maps each to the name
-    ``model.named_parameters()`` gives that tensor (its first)."""
+def canonical_names(model) -> dict:
+    """Every name a parameter is reachable under -> the name ``model.named_parameters()`` gives that
+    tensor (its first). A tied weight (``head.weight = emb.weight``) has several names."""
     first, canonical = {}, {}
     for n, p in model.named_parameters(remove_duplicate=False):
         canonical[n] = first.setdefault(id(p), n)
-    return list(canonical), canonical
+    return canonical
 
 
-def tied_parameters(model) -> dict:
-    """Canonical parameter name -> its other names, for parameters tied under several names."""
+def tied_parameters(canonical: dict) -> dict:
+    """Canonical parameter name -> its other names, from a :func:`canonical_names` map."""
     ties = {}
-    for n, c in parameter_names(model)[1].items():
+    for n, c in canonical.items():
         if n != c:
             ties.setdefault(c, []).append(n)
     return ties
@@ -322,7 +321,7 @@ def resolve_update(update, model, exec_order=None) -> UpdatePlan:
     tensor: a rule naming any of its names applies to it."""
     params = dict(model.named_parameters())
     names = list(params)
-    all_names, canonical = parameter_names(model)
+    canonical = canonical_names(model)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     exec_order = exec_order if exec_order is not None else [n for n, _ in model.named_modules()]
     rules: dict = {}
@@ -344,13 +343,13 @@ def resolve_update(update, model, exec_order=None) -> UpdatePlan:
         elif isinstance(item, dict):
             for pattern, value in item.items():
                 rule = Rule.parse(value)
-                for n in dict.fromkeys(canonical[a] for a in match_pattern(pattern, all_names)):
+                for n in dict.fromkeys(canonical[a] for a in match_pattern(pattern, list(canonical))):
                     rule.selection(shapes[n])  # validates indices against this tensor
                     rules[n] = rule
         else:
             raise PlanError(f"update must be a preset string, a dict, an UpdatePlan or a list of them, "
                             f"not {type(item).__name__}")
-    plan = UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes, tied_parameters(model))
+    plan = UpdatePlan({n: rules.get(n, Rule("frozen")) for n in names}, shapes, tied_parameters(canonical))
     for n in names:
         if plan.rule(n).kind != "frozen" and not params[n].is_floating_point():
             raise PlanError(f"parameter {n!r} has dtype {params[n].dtype} and cannot be trained")

@@ -197,16 +197,6 @@ def _check_loss(loss):
         raise CompileError(f"loss_fn must return a floating-point scalar, got {loss.dtype}")
 
 
-def _split_batch(batch):
-    """Every tensor leaf of the batch, however nested, is a graph input; other leaves (ints, None,
-    strings) are baked in and part of the batch signature (runtime/batch.py)."""
-    return batch_tensors(batch)
-
-
-def _rebuild_batch(batch, tensors):
-    return tuple(rebuild_batch(tuple(batch), tensors))
-
-
 def _make_fx(fn, args, model, what):
     with _module_tracker(model) as (order, stack), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -230,12 +220,13 @@ def analyze_forward(model, loss_fn, batch):
     """Trace the loss once (fake tensors, no compute, the model's tensors untouched).
     Returns the module execution order."""
     wrapper = _LossModule(model, loss_fn)
-    tensors = _split_batch(batch)
+    batch = tuple(batch)       # loss_fn's positional arguments (functional_call wants a tuple)
+    tensors = batch_tensors(batch)
     keys, values = _state_values(model)
 
     def fwd(*flat):
         state = dict(zip(keys, flat[:len(keys)]))
-        loss = torch.func.functional_call(wrapper, state, _rebuild_batch(batch, flat[len(keys):]),
+        loss = torch.func.functional_call(wrapper, state, rebuild_batch(batch, flat[len(keys):]),
                                           strict=False, tie_weights=True)
         _check_loss(loss)
         return loss
@@ -259,7 +250,8 @@ def trace_joint(model, loss_fn, batch, plan):
         raise CompileError("the update plan trains nothing; choose a policy such as 'full', 'bias' or 'last:1'")
     frozen = [n for n in named_p if n not in trained]
     buffers = list(named_b)
-    tensors = _split_batch(batch)
+    batch = tuple(batch)       # loss_fn's positional arguments (functional_call wants a tuple)
+    tensors = batch_tensors(batch)
     layout = Layout(params=trained, frozen=frozen, buffers=buffers, batch=len(tensors))
     sels = {n: plan.selection(n) for n in trained}
     n_p, n_f, n_b = len(trained), len(frozen), len(buffers)
@@ -269,7 +261,7 @@ def trace_joint(model, loss_fn, batch, plan):
         values = {f"model.{n}": t for n, t in zip(trained + frozen + buffers, flat[:n_p + n_f + n_b])}
         bt = flat[n_p + n_f + n_b:]
         with torch.enable_grad():
-            loss = torch.func.functional_call(wrapper, values, _rebuild_batch(batch, bt), strict=False,
+            loss = torch.func.functional_call(wrapper, values, rebuild_batch(batch, bt), strict=False,
                                               tie_weights=True)
             _check_loss(loss)
             grads = torch.autograd.grad(loss, tp, allow_unused=True)
