@@ -4,18 +4,42 @@
 >>> step = pockc.compile(model, loss_fn, example_batch=(x, y), update="last:2",
 ...                      optimizer=pockc.SGD(lr=0.1, momentum=0.9))   # doctest: +SKIP
 >>> loss = step(x, y)                                                  # doctest: +SKIP
-"""
-from pockc.api import compile, graph_stats
-from pockc.errors import BatchError, BudgetError, CompileError, PlanError, StepError
-from pockc.plan import Rule, UpdatePlan, resolve_update
-from pockc.runtime.optim import SGD, AdamW, Optimizer
-from pockc.scoring import LayerScores, score_layers
-from pockc.runtime.train_step import TrainStep
-from pockc.finetune import FinetuneStep, finetune  # noqa: E402  (LLM fine-tuning API, issue 5)
-from pockc.lora import LoraConfig, load_adapter, merge_lora  # noqa: E402
+>>> step.save("build/step")                                            # doctest: +SKIP
+>>> step = pockc.load("build/step")     # torch + pockc.runtime only   # doctest: +SKIP
 
-__version__ = "0.1.0"
-__all__ = ["compile", "graph_stats", "CompileError", "PlanError", "BudgetError", "BatchError", "StepError", "UpdatePlan", "Rule",
-           "resolve_update", "SGD", "AdamW", "Optimizer", "TrainStep"]
-__all__ += ["score_layers", "LayerScores"]
-__all__ += ["finetune", "FinetuneStep", "LoraConfig", "load_adapter", "merge_lora"]
+The compiler (``compile``, ``finetune``, ``score_layers``, ...) is imported on first use, so that
+``import pockc`` and ``pockc.load`` run a saved step where only ``pockc.runtime`` is needed.
+"""
+from importlib import import_module
+
+from pockc.errors import BatchError, BudgetError, CompileError, PlanError, StepError
+from pockc.runtime import ArtifactError, __version__, load  # noqa: F401
+from pockc.runtime.optim import SGD, AdamW, Optimizer
+from pockc.runtime.train_step import TrainStep
+
+# name -> module of the front end that defines it (imported when the name is first used)
+_LAZY = {
+    "compile": "pockc.api", "graph_stats": "pockc.api",
+    "Rule": "pockc.plan", "UpdatePlan": "pockc.plan", "resolve_update": "pockc.plan",
+    "score_layers": "pockc.scoring", "LayerScores": "pockc.scoring",
+    "finetune": "pockc.finetune", "FinetuneStep": "pockc.finetune",
+    "LoraConfig": "pockc.lora", "load_adapter": "pockc.lora", "merge_lora": "pockc.lora",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pockc' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["compile", "graph_stats", "load", "CompileError", "PlanError", "BudgetError", "BatchError", "StepError",
+           "ArtifactError", "UpdatePlan", "Rule", "resolve_update", "SGD", "AdamW", "Optimizer", "TrainStep",
+           "score_layers", "LayerScores", "finetune", "FinetuneStep", "LoraConfig", "load_adapter", "merge_lora"]

@@ -43,7 +43,8 @@ import time
 
 USAGE_ERROR, COMPILE_ERROR, INTERRUPTED = 2, 1, 130
 MANIFEST = ".pockc-manifest.json"   # in the output directory: the files pockc wrote there, with their hashes
-OUTPUT_NAMES = ("train_step.py", "plan.json", "report.txt", "scores.json")
+OUTPUT_NAMES = ("train_step.py", "plan.json", "report.txt", "scores.json", "model.safetensors", "train_step.pt2",
+                "train_report.txt")
 
 
 class UsageError(Exception):
@@ -301,6 +302,10 @@ def _prepare_out(out) -> list:
     except OSError as e:
         _remove_dirs(created)
         raise UsageError(f"-o {out}: cannot write files in the output directory ({e.strerror or e})") from None
+    step_dir = os.path.join(path, "step")
+    if os.path.lexists(step_dir) and not os.path.isdir(step_dir):
+        _remove_dirs(created)
+        raise UsageError(f"-o {out}: {os.path.join(out, 'step')} is a file; pockc writes the saved step there")
     for name in OUTPUT_NAMES:
         if os.path.isdir(os.path.join(path, name)):
             _remove_dirs(created)
@@ -367,11 +372,12 @@ def write_outputs(out, files: dict) -> list:
     return removed
 
 
-def _check_finite(losses, where, lr, out):
+def _check_finite(losses, where, lr, out, kept=None, first=1):
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
     if bad is not None:
-        raise TrainingError(f"training diverged: the loss is {losses[bad]} at step {bad + 1} {where} (lr {lr:g}); "
-                            f"lower the learning rate (--lr). Nothing was written to {out}")
+        left = (f"the last checkpoint ({kept}) in {out} is kept" if kept else f"Nothing was written to {out}")
+        raise TrainingError(f"training diverged: the loss is {losses[bad]} at step {bad + first} {where} (lr {lr:g}); "
+                            f"lower the learning rate (--lr). {left}")
 
 
 def _evaluate(model, loss_fn, val, metric):
@@ -484,33 +490,165 @@ def _compile(args):
         lines.append(f"ran {args.steps} step{'s' if args.steps != 1 else ''} on the example batch: "
                      f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
                      + (f" ({ms:.1f} ms/step)" if args.steps > 1 else ""))
+    from pockc import training
+    model_file = os.path.abspath(args.model)
+    run = training.Run(model_file=model_file, model_sha=training.file_sha(model_file), epochs=args.epochs, seed=0,
+                       lr0=step.optimizer.lr, total=args.epochs * len(train) if args.epochs else 0)
     if args.epochs:
-        from pockc.scoring import fit
         metric = getattr(module, "metric", None)
-        name = "metric()" if metric is not None else "-loss"
         before = _evaluate(model, module.loss_fn, val, metric)
-        t0 = time.perf_counter()
-        losses = fit(step, train, args.epochs, progress=True if args.verbose else None, stop_nonfinite=True)
-        secs = time.perf_counter() - t0
-        _check_finite(losses, f"of --epochs {args.epochs} on train_data()", step.optimizer.lr, args.out)
+        status = _run_training(args, step, train, run, model)
+        if status is not None:
+            return status
         after = _evaluate(model, module.loss_fn, val, metric)
-        lines.append(f"fine-tuned {args.epochs} epoch{'s' if args.epochs != 1 else ''} ({len(losses)} steps, "
-                     f"cosine lr from {step.optimizer.lr:g}) in {secs:.1f}s: train loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-        lines.append(f"validation {name}: {before:.4f} before fine-tuning -> {after:.4f} after")
+        lines += _training_lines(run, step, before, after, metric)
     report = "\n".join(lines)
     outputs["report.txt"] = report + "\n"
     if scores is not None:
         outputs["scores.json"] = scores.dumps()
+    from pockc.training import state_dict_bytes
+    outputs["model.safetensors"] = state_dict_bytes(model)
     try:
         removed = write_outputs(args.out, outputs)
+        step.save(os.path.join(args.out, "step"), extra={"run": run.to_dict()})
+        exported = _export(args, step)
     except OSError as e:       # the disk filled up, the directory went away, ...: no partial file is left
         raise RunError(f"-o {args.out}: could not write the output files ({e.strerror or e}); "
                        "no file there is half-written") from None
     print(report)
     print(f"wrote {os.path.join(args.out, 'train_step.py')}, plan.json, report.txt"
           + (", scores.json" if scores is not None else "")
+          + f", model.safetensors (the {'fine-tuned ' if args.epochs else ''}state dict), step/ (the saved step: "
+          f"pockc.load({os.path.join(args.out, 'step')!r}) or `pockc train {args.out} --epochs N` continues it)"
+          + (f", {os.path.basename(exported)} (AOTInductor package)" if exported else "")
           + (f" (removed {', '.join(removed)} from an earlier run)" if removed else ""))
     return 0
+
+
+def _training_lines(run, step, before, after, metric) -> list:
+    name = "metric()" if metric is not None else "-loss"
+    losses = run.losses
+    return [f"fine-tuned {run.epochs} epoch{'s' if run.epochs != 1 else ''} ({run.total} steps"
+            + (f", {len(losses)} of them now, resumed at step {run.total - len(losses) + 1}" if len(losses) != run.total else "")
+            + f", cosine lr from {run.lr0:g}) in {run.seconds:.1f}s: train loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+            f"validation {name}: {before:.4f} before -> {after:.4f} after"]
+
+
+def _run_training(args, step, train, run, model):
+    """Train ``run`` to its end with checkpoints; None when done, else the exit status (Ctrl-C)."""
+    from pockc import training
+    start = run.done
+    t0 = time.perf_counter()
+    try:
+        losses = training.train(step, train, run, args.out, save_every=args.save_every,
+                                progress=True if args.verbose else None, model=model)
+    except training.Interrupted as e:
+        _say(f"interrupted at step {e.run.done} of {e.run.total}, after the step finished; the checkpoint is in "
+             f"{os.path.join(args.out, 'step')} and {os.path.join(args.out, 'model.safetensors')}; resume with: "
+             f"pockc train {args.out}")
+        return INTERRUPTED
+    run.seconds = time.perf_counter() - t0
+    run.losses = losses
+    kept = (f"step {start + (len(losses) - 1) // args.save_every * args.save_every}"
+            if args.save_every and len(losses) > args.save_every else (f"step {start}" if start else None))
+    _check_finite(losses, f"of the run's {run.total} on train_data()", run.lr0, args.out, kept, first=start + 1)
+    return None
+
+
+def _export(args, step):
+    if getattr(args, "target", None) in (None, "step"):
+        return None
+    path = os.path.join(args.out, "train_step.pt2")
+    step.export(path, target=args.target)
+    return path
+
+
+def cmd_train(args):
+    """`pockc train OUT`: continue the saved step in OUT on its model file's data."""
+    import pockc
+    from pockc import training
+    out = args.out or args.resume
+    if out is None:
+        raise UsageError("name the output directory of an earlier `pockc compile -o OUT` run: pockc train OUT")
+    step_dir = os.path.join(out, training.STEP_DIR)
+    from pockc.runtime.artifact import read_manifest
+    if not os.path.isdir(step_dir):
+        raise UsageError(f"{out}: no saved step there ({step_dir}/ is missing); train continues what "
+                         f"`pockc compile ... -o {out}` saved")
+    try:
+        manifest = read_manifest(step_dir)
+    except pockc.ArtifactError as e:
+        raise UsageError(f"{e} (train continues what `pockc compile ... -o {out}` saved)") from None
+    saved = (manifest.get("extra") or {}).get("run")
+    if not saved:
+        raise UsageError(f"{step_dir} was not saved by the command line (no run recorded); load it with pockc.load")
+    run = training.Run.from_dict(saved)
+    model_file = args.model or run.model_file
+    if not os.path.isfile(model_file):
+        raise UsageError(f"the model file {model_file} of this run is gone; pass it with --model FILE")
+    if training.file_sha(model_file) != run.model_sha:
+        import warnings
+        warnings.warn(f"pockc: {model_file} changed since the run started; its data and metric are used as they "
+                      "are now")
+    module = load_model_file(model_file)
+    args.model = model_file
+    model = _user_call(module, "model")
+    try:
+        step = pockc.load(step_dir, model=model)
+    except pockc.ArtifactError as e:
+        raise RunError(str(e)) from None
+    train, val = _task_data(args, module, _example_of(step))
+    if train is None:
+        raise UsageError(f"{model_file} defines no train_data()/val_data(): nothing to train on")
+    if not run.finished:
+        if args.epochs and args.epochs != run.epochs:
+            raise UsageError(f"the run in {out} stopped at step {run.done} of {run.total} ({run.epochs} epochs); "
+                             f"`pockc train {out}` finishes it, then --epochs {args.epochs} starts another")
+        print(f"resuming the run at step {run.done + 1} of {run.total} ({run.epochs} epochs, lr {run.lr0:g})")
+    else:
+        if not args.epochs:
+            raise UsageError(f"the run in {out} is finished ({run.total} steps); --epochs N trains N more epochs")
+        lr = args.lr if args.lr is not None else run.lr0
+        run = training.Run(model_file=os.path.abspath(model_file), model_sha=training.file_sha(model_file),
+                           epochs=args.epochs, seed=run.seed + 1, lr0=lr, total=args.epochs * len(train),
+                           index=run.index + 1)
+        print(f"continuing from step {step.step_count}: {run.epochs} more epoch{'s' if run.epochs != 1 else ''} "
+              f"({run.total} steps, cosine lr from {run.lr0:g})")
+    metric = getattr(module, "metric", None)
+    before = _evaluate(model, module.loss_fn, val, metric)
+    status = _run_training(args, step, train, run, model)
+    if status is not None:
+        return status
+    after = _evaluate(model, module.loss_fn, val, metric)
+    lines = _training_lines(run, step, before, after, metric)
+    try:
+        training.checkpoint(step, out, run, model)
+        _record_outputs(out, {"train_report.txt": "\n".join(lines) + "\n"})
+        exported = _export(args, step)
+    except OSError as e:
+        raise RunError(f"{out}: could not write the checkpoint ({e.strerror or e}); the previous one is intact") from None
+    print("\n".join(lines))
+    print(f"wrote {os.path.join(out, 'model.safetensors')}, {step_dir}/ (step {step.step_count}), train_report.txt"
+          + (f", {os.path.basename(exported)}" if exported else ""))
+    return 0
+
+
+def _example_of(step):
+    """A batch of the saved step's signature (zeros), for checking the model file's data against it."""
+    import torch
+    leaves = [sig for _, sig in step._signature[1]]
+    return tuple(torch.zeros(s[1], dtype=s[2]) if s[0] == "tensor" else None for s in leaves)
+
+
+def _record_outputs(out, files: dict):
+    """Write files into ``out`` atomically and add them to its manifest (nothing else is removed)."""
+    from pockc.runtime.fileio import atomic_write
+    data = {n: t.encode("utf-8") if isinstance(t, str) else t for n, t in files.items()}
+    old = _read_manifest(out)
+    _write_manifest(out, {**old, **{n: old.get(n, set()) | {_sha(b)} for n, b in data.items()}})
+    for name, b in data.items():
+        atomic_write(os.path.join(out, name), b)
+    _write_manifest(out, {**old, **{n: {_sha(b)} for n, b in data.items()}})
 
 
 def build_parser():
@@ -547,8 +685,26 @@ def build_parser():
     c.add_argument("--scores", default=None, metavar="FILE",
                    help="contribution scores to choose with under --budget (a scores.json from an earlier run) "
                         "instead of measuring them")
+    c.add_argument("--save-every", type=_count, default=0, metavar="K",
+                   help="with --epochs: write a checkpoint (-o/step/, -o/model.safetensors) every K steps")
+    c.add_argument("--target", choices=["step", "aoti"], default="step",
+                   help="also export the step: aoti writes -o/train_step.pt2, an AOTInductor package a C++ "
+                        "program runs (default: only the saved step -o/step/)")
     c.add_argument("-o", "--out", default="build", help="output directory (default: build/)")
     c.set_defaults(func=cmd_compile)
+    t = sub.add_parser("train", help="continue training the step saved in an output directory",
+                       description="Continue the step `pockc compile ... -o OUT` saved in OUT/step/ on the model "
+                                   "file's train_data(): an interrupted run (Ctrl-C, --save-every checkpoints) "
+                                   "resumes where it stopped, exactly; a finished one trains --epochs N more.")
+    t.add_argument("out", nargs="?", default=None, help="the output directory of an earlier pockc compile -o OUT")
+    t.add_argument("--resume", default=None, metavar="OUT", help="the same as the positional OUT")
+    t.add_argument("--epochs", type=_count, default=0, help="epochs of a new run after a finished one")
+    t.add_argument("--lr", type=_rate, default=None, help="learning rate of the new run (default: the last run's)")
+    t.add_argument("--save-every", type=_count, default=0, metavar="K", help="write a checkpoint every K steps")
+    t.add_argument("--model", default=None, metavar="FILE", help="the model file (default: the one the run used)")
+    t.add_argument("--target", choices=["step", "aoti"], default="step", help="also export the step (aoti: .pt2)")
+    t.add_argument("-v", "--verbose", action="store_true", help="progress bars")
+    t.set_defaults(func=cmd_train)
     from pockc import bench  # the suite's logic and options live in pockc/bench.py
     b = sub.add_parser("bench", help="benchmark pockc against eager PyTorch and torch.compile",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -81,6 +81,11 @@ class StepMemory:
         return self.plan.arena_bytes
 
     @property
+    def required_bytes(self) -> int:
+        """What a static allocation needs: the peak, or the arena where fragmentation exceeds it."""
+        return self.plan.required_bytes
+
+    @property
     def readonly_bytes(self) -> int:
         return self.plan.readonly_bytes
 

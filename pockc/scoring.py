@@ -239,26 +239,37 @@ def evaluate(model, loss_fn, val, metric=None) -> float:
         return sum(float(metric(model, *b)) for b in val) / len(val)
 
 
-def fit(step, train_data, epochs=1, seed=0, *, cosine=True, progress=None, stop_nonfinite=False) -> list:
+def fit(step, train_data, epochs=1, seed=0, *, cosine=True, progress=None, stop_nonfinite=False,
+        start: int = 0, on_step=None) -> list:
     """Run a compiled step over ``train_data`` for ``epochs`` epochs, the batches shuffled per
     epoch with ``seed``, the learning rate decayed from ``step.optimizer.lr`` to 0 on a cosine
     (``cosine=False``: constant); returns the losses. The optimizer's lr is restored after.
-    ``stop_nonfinite``: stop at the first loss that is NaN or infinite (the last one returned)."""
+    ``stop_nonfinite``: stop at the first loss that is NaN or infinite (the last one returned).
+    ``start``: skip the first ``start`` steps of the run (a resumed run: the same batches in the
+    same order and the same learning rates as the uninterrupted one). ``on_step(done, loss)`` is
+    called after each step, ``done`` counting from the start of the run."""
     import math
 
     from tqdm.auto import tqdm
     train = as_batches(train_data, "train_data")
     g = torch.Generator().manual_seed(seed)
     total, lr0, losses = epochs * len(train), step.optimizer.lr, []
+    done = 0
     try:
-        with tqdm(total=total, desc="pockc: fine-tuning", unit="step", leave=False,
+        with tqdm(total=total, initial=min(start, total), desc="pockc: fine-tuning", unit="step", leave=False,
                   disable=None if progress is None else not progress) as bar:
             for _ in range(epochs):
                 for i in torch.randperm(len(train), generator=g).tolist():
+                    if done < start:
+                        done += 1
+                        continue
                     if cosine:
-                        step.optimizer.lr = lr0 * 0.5 * (1 + math.cos(math.pi * len(losses) / total))
+                        step.optimizer.lr = lr0 * 0.5 * (1 + math.cos(math.pi * done / total))
                     losses.append(float(step(*train[i])))
+                    done += 1
                     bar.update()
+                    if on_step is not None:
+                        on_step(done, losses[-1])
                     if stop_nonfinite and not math.isfinite(losses[-1]):
                         return losses
     finally:

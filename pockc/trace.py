@@ -12,7 +12,6 @@ import os
 import traceback
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -20,6 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from pockc.errors import CompileError
 from pockc.runtime.batch import batch_tensors, rebuild_batch
+from pockc.runtime.layout import Layout  # noqa: F401  (the step's input order; runtime reads it)
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _POCKC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,35 +35,6 @@ class _LossModule(torch.nn.Module):
 
     def forward(self, *batch):
         return self.loss_fn(self.model, *batch)
-
-
-@dataclass
-class Layout:
-    """Order of the step's inputs: trained params, frozen params, buffers, optimizer state,
-    optimizer scalars, batch. ``grads`` lists (param, selection) for each gradient output."""
-    params: list
-    frozen: list
-    buffers: list
-    batch: int
-    state: list = field(default_factory=list)      # (param name, state name)
-    scalars: list = field(default_factory=list)
-    grads: list = field(default_factory=list)      # (param name, selection) per gradient output
-    unused: list = field(default_factory=list)     # trained params with no path to the loss
-
-    def to_dict(self):
-        return {k: getattr(self, k) for k in ("params", "frozen", "buffers", "state", "scalars", "batch")}
-
-    def placeholders(self, graph) -> dict:
-        """``graph``'s placeholder nodes by group, in input order: ``params``, ``frozen``,
-        ``buffers``, ``state``, ``scalars`` (as many as this layout lists when called) and
-        ``batch`` (the rest)."""
-        phs = [n for n in graph.nodes if n.op == "placeholder"]
-        out, i = {}, 0
-        for key in ("params", "frozen", "buffers", "state", "scalars"):
-            count = len(getattr(self, key))
-            out[key], i = phs[i:i + count], i + count
-        out["batch"] = phs[i:]
-        return out
 
 
 @contextmanager

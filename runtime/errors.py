@@ -7,3 +7,8 @@ class BatchError(ValueError):
 
 class StepError(ValueError):
     """A change after compiling that the compiled step cannot follow (another optimizer's state)."""
+
+
+class ArtifactError(ValueError):
+    """A saved step that cannot be loaded: a missing, truncated or altered file, or one written by
+    another pockc or torch version. The message names the file."""

@@ -54,6 +54,7 @@ class TrainStep:
         self._graphs = {self._key: graph}
         self._last = None      # (key, graph) of the latest call
         self._recompile = recompile
+        self.source = None     # the directory a loaded step came from (named in its errors)
         self._warned = set()
         self._lock = threading.Lock()
         self.step_count = 0
@@ -72,6 +73,14 @@ class TrainStep:
                 for s, t in optimizer.init_state(selected_rows(params[name].detach(), sel)).items():
                     state[(name, s)] = t
         self.state = state
+
+    def _restore_signature(self, signature, nargs, source=None):
+        """A loaded step: specialized to the saved batch signature, with no compiler behind it."""
+        self._signature, self._nargs, self.source = signature, nargs, source
+        graph = self._graphs.pop(self._key)
+        self._key = (signature, module_key(self.model), self.optimizer.graph_key())
+        self._graphs = {self._key: graph}
+        self._last = None
 
     # -- the emitted program ---------------------------------------------------------------
     @property
@@ -108,15 +117,23 @@ class TrainStep:
     def _specialize(self, key, batch):
         sig = key[0]
         ref_sig, ref_modules, ref_opt = self._key
+        where = f"{self.source}: " if self.source else ""
         if len(batch) != self._nargs:
-            raise BatchError(f"batch has {len(batch)} elements, the step was compiled for {self._nargs}: "
+            raise BatchError(f"{where}batch has {len(batch)} elements, the step was compiled for {self._nargs}: "
                              + ", ".join(f"batch{p}: {describe_leaf(s)}" for p, s in ref_sig[1]))
         why = signature_difference(sig, ref_sig)
         if why:
-            raise BatchError(why)
+            raise BatchError(where + why)
         if key[2] != ref_opt:
             self._check_optimizer()
         if self._recompile is None:
+            if self.source is not None:
+                what = [w for w, differs in (
+                    (f"the batch ({signature_difference_any(sig, ref_sig)})", sig != ref_sig),
+                    ("the model's train/eval mode or its submodules", key[1] != ref_modules),
+                    ("the optimizer's hyperparameters other than lr", key[2] != ref_opt)) if differs]
+                raise BatchError(f"{where}{' and '.join(what)} differ from what the saved step was compiled for; a "
+                                 "loaded step runs only that (compile the model again with pockc.compile for others)")
             raise BatchError("the batch, the model's modules or modes, or the optimizer's hyperparameters differ "
                              "from the compiled ones and this step cannot recompile")
         changes = [what for what, differs in (
@@ -175,9 +192,9 @@ class TrainStep:
         self._heap_kept.add(id(gm))
         if device_of(inputs) != "cpu":
             return
-        plan = getattr(getattr(self, "memory", None), "plan", None)
-        if plan is not None and gm is self._graphs[self._key]:
-            working = plan.required_bytes
+        memory = getattr(self, "memory", None)
+        if memory is not None and gm is self._graphs[self._key]:
+            working = memory.required_bytes
         else:  # no plan for this graph: every intermediate at once, an upper bound
             working = 0
             for n in gm.graph.nodes:
@@ -210,6 +227,27 @@ class TrainStep:
             out[name] = selected_rows(params[name].detach(), sel)
         return out
 
+    def state_dict(self) -> dict:
+        """The model's full state dict (``model.state_dict()``), with the trained values."""
+        return self.model.state_dict()
+
+    def save(self, path, *, extra: dict | None = None) -> str:
+        """Save this step to the directory ``path``: its program, every tensor it reads or writes
+        (trained and frozen weights, buffers, optimizer state), its step count and its plans.
+        ``pockc.load(path)`` continues training from there with torch and pockc.runtime alone;
+        saving again into ``path`` replaces the checkpoint atomically (runtime/artifact.py)."""
+        from .artifact import save
+        return save(self, path, extra=extra)
+
+    def export(self, path, target: str = "aoti", **kwargs) -> str:
+        """Write this step, optimizer update included, for a runtime without pockc:
+        ``target="aoti"`` -- an AOTInductor package (``.pt2``) that libtorch runs from C++
+        (runtime/aoti.py, runtime/cpp/) and ``pockc.load`` loads."""
+        if target == "aoti":
+            from .aoti import export_aoti
+            return export_aoti(self, path, **kwargs)
+        raise ValueError(f"unknown export target {target!r}; use 'aoti' (or step.save(path) for pockc's own format)")
+
     def print_trainable_parameters(self):
         print(self.update_plan.summary() if self.update_plan is not None else "")
 
@@ -217,6 +255,14 @@ class TrainStep:
         n = len(self.graph.graph.nodes)
         return (f"TrainStep({type(self.model).__name__}, trains {len(self.layout.grads)} tensors, "
                 f"{type(self.optimizer).__name__}, {n} graph nodes)")
+
+
+def signature_difference_any(sig, ref) -> str:
+    """Which leaves of two signatures of the same structure differ (for a step that cannot recompile)."""
+    for (path, a), (_, b) in zip(sig[1], ref[1]):
+        if a != b:
+            return f"batch{path} is a {describe_leaf(a)}, saved for a {describe_leaf(b)}"
+    return "its structure differs"
 
 
 def module_key(model) -> tuple:

@@ -304,11 +304,11 @@ def test_a_rerun_removes_only_the_files_pockc_wrote_before(task, tmp_path, capsy
     rc, stdout, err = cli(capsys, "compile", task, "--update", "head", "-o", out)
     assert rc == 0, err
     assert "removed scores.json from an earlier run" in stdout
-    assert sorted(os.listdir(out)) == [".pockc-manifest.json", "notes.txt", "plan.json", "report.txt",
-                                       "train_step.py"]
+    assert sorted(os.listdir(out)) == [".pockc-manifest.json", "model.safetensors", "notes.txt", "plan.json",
+                                       "report.txt", "step", "train_step.py"]
     assert json.loads((out / "plan.json").read_text())["rules"]["0.weight"] == "frozen"
     assert sorted(json.loads((out / ".pockc-manifest.json").read_text())["files"]) == [
-        "plan.json", "report.txt", "train_step.py"]
+        "model.safetensors", "plan.json", "report.txt", "train_step.py"]
     rc, _, err = cli(capsys, "compile", task, "--budget", "24KB", "-o", out)        # scores.json again
     assert rc == 0 and (out / "scores.json").exists(), err
     with open(out / "scores.json", "a") as fh:           # edited by the user since: pockc's no longer
