@@ -328,3 +328,32 @@ def test_loaded_step_runs_without_the_compiler(tmp_path):
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["ok", "3"]
+
+
+def test_paged_and_recomputed_step_resumes(tmp_path):
+    """A step whose program pages activations out and back (pockc.runtime.paging calls) and draws
+    dropout masks (bert) saves and resumes exactly."""
+    from tests.test_paging import FAST_PAGE, OPT, _p0
+    ex = zoo.bert()
+    p0, persist = _p0(ex)
+    budget = int(persist + 0.75 * (p0 - persist))
+
+    def make():
+        m = copy.deepcopy(ex.model)
+        return m, pockc.compile(m, ex.loss_fn, ex.example_batch, update="full", optimizer=pockc.SGD(**OPT),
+                                budget=budget, device_profile=FAST_PAGE)
+    _, probe = make()
+    assert probe.remat is not None and probe.remat.paged
+    loaded = _resume_equals_uninterrupted(make, [ex.example_batch], tmp_path)
+    assert any(getattr(n.target, "__module__", "") == "pockc.runtime.paging" for n in loaded.graph.graph.nodes)
+
+
+def test_mcu_example_resumes(tmp_path):
+    from pockc.cli import load_model_file
+    mod = load_model_file(os.path.join(ROOT, "examples", "mcu_cnn.py"))
+    model, batch = mod.model(), tuple(mod.example_batch())
+
+    def make():
+        m = copy.deepcopy(model)
+        return m, pockc.compile(m, mod.loss_fn, batch, update="last:3", optimizer=pockc.SGD(lr=0.05, momentum=0.9))
+    _resume_equals_uninterrupted(make, [batch], tmp_path)
