@@ -8,17 +8,19 @@
 >>> step = pockc.load("build/step")     # torch + pockc.runtime only   # doctest: +SKIP
 
 The compiler (``compile``, ``finetune``, ``score_layers``, ...) is imported on first use, so that
-``import pockc`` and ``pockc.load`` run a saved step where only ``pockc.runtime`` is needed.
+``import pockc`` and ``pockc.load`` run a saved step where only ``pockc.runtime`` is needed; torch itself is imported
+when a name that needs it is first used.
 """
 from importlib import import_module
 
-from pockc.errors import BatchError, BudgetError, CompileError, PlanError, StepError
-from pockc.runtime import ArtifactError, __version__, load  # noqa: F401
-from pockc.runtime.optim import SGD, AdamW, Optimizer
-from pockc.runtime.train_step import TrainStep
+from pockc.errors import ArtifactError, BatchError, BudgetError, CompileError, PlanError, StepError
+from pockc.runtime import __version__  # noqa: F401
 
-# name -> module of the front end that defines it (imported when the name is first used)
+# name -> the module that defines it, imported when the name is first used (``import pockc`` does
+# not import torch: the command line answers --help and Ctrl-C at once)
 _LAZY = {
+    "load": "pockc.runtime", "SGD": "pockc.runtime.optim", "AdamW": "pockc.runtime.optim",
+    "Optimizer": "pockc.runtime.optim", "TrainStep": "pockc.runtime.train_step",
     "compile": "pockc.api", "graph_stats": "pockc.api",
     "Rule": "pockc.plan", "UpdatePlan": "pockc.plan", "resolve_update": "pockc.plan",
     "score_layers": "pockc.scoring", "LayerScores": "pockc.scoring",

@@ -18,4 +18,4 @@ class BudgetError(CompileError):
 
 
 
-from pockc.runtime.errors import BatchError, StepError  # noqa: E402,F401  (raised at call time by TrainStep)
+from pockc.runtime.errors import ArtifactError, BatchError, StepError  # noqa: E402,F401  (raised by the runtime)
