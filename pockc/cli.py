@@ -1,6 +1,7 @@
 """The ``pockc`` command line.
 
     pockc compile model.py --update last:2 -o build/
+    pockc train build/ [--epochs N]       # resume an interrupted run exactly, or train N more epochs
 
 A model file defines three functions:
 
@@ -23,12 +24,15 @@ budget where it buys the most; without them it uses the prior (later layers firs
 cheapest) and says so. --epochs N then fine-tunes the compiled step on train_data() and reports
 the metric on val_data() before and after.
 
-pockc writes train_step.py, plan.json, report.txt (and scores.json) into -o, each file atomically,
+pockc writes train_step.py, plan.json, report.txt (and scores.json), model.safetensors (the
+model's state dict, fine-tuned with --epochs) and step/ (the saved step: pockc.load, pockc train)
+into -o, each file atomically,
 and records them in -o/.pockc-manifest.json: a later run into the same directory removes the files
 an earlier run wrote that it does not write again (never a file pockc did not write, or one
 changed since). A run that fails writes nothing. Exit status: 0; 1 when the model cannot be compiled
 as asked or training diverges (a NaN or infinite loss); 2 for a bad argument or model file; 130 on
-Ctrl-C. Errors are one line on stderr (POCKC_TRACEBACK=1 shows the traceback of an unexpected one).
+Ctrl-C (during training: after the current step, with a checkpoint that `pockc train` resumes).
+Errors are one line on stderr (POCKC_TRACEBACK=1 shows the traceback of an unexpected one).
 """
 from __future__ import annotations
 
