@@ -499,13 +499,10 @@ def _compile(args):
     run = training.Run(model_file=model_file, model_sha=training.file_sha(model_file), epochs=args.epochs, seed=0,
                        lr0=step.optimizer.lr, total=args.epochs * len(train) if args.epochs else 0)
     if args.epochs:
-        metric = getattr(module, "metric", None)
-        before = _evaluate(model, module.loss_fn, val, metric)
-        status = _run_training(args, step, train, run, model)
+        status, more = _train_and_evaluate(args, module, step, model, train, val, run)
         if status is not None:
             return status
-        after = _evaluate(model, module.loss_fn, val, metric)
-        lines += _training_lines(run, step, before, after, metric)
+        lines += more
     report = "\n".join(lines)
     outputs["report.txt"] = report + "\n"
     if scores is not None:
@@ -529,7 +526,18 @@ def _compile(args):
     return 0
 
 
-def _training_lines(run, step, before, after, metric) -> list:
+def _train_and_evaluate(args, module, step, model, train, val, run):
+    """(exit status or None, report lines): the metric on val_data(), the run to its end, the metric."""
+    metric = getattr(module, "metric", None)
+    before = _evaluate(model, module.loss_fn, val, metric)
+    status = _run_training(args, step, train, run, model)
+    if status is not None:
+        return status, []
+    after = _evaluate(model, module.loss_fn, val, metric)
+    return None, _training_lines(run, before, after, metric)
+
+
+def _training_lines(run, before, after, metric) -> list:
     name = "metric()" if metric is not None else "-loss"
     losses = run.losses
     return [f"fine-tuned {run.epochs} epoch{'s' if run.epochs != 1 else ''} ({run.total} steps"
@@ -618,13 +626,9 @@ def cmd_train(args):
                            index=run.index + 1)
         print(f"continuing from step {step.step_count}: {run.epochs} more epoch{'s' if run.epochs != 1 else ''} "
               f"({run.total} steps, cosine lr from {run.lr0:g})")
-    metric = getattr(module, "metric", None)
-    before = _evaluate(model, module.loss_fn, val, metric)
-    status = _run_training(args, step, train, run, model)
+    status, lines = _train_and_evaluate(args, module, step, model, train, val, run)
     if status is not None:
         return status
-    after = _evaluate(model, module.loss_fn, val, metric)
-    lines = _training_lines(run, step, before, after, metric)
     try:
         training.checkpoint(step, out, run, model)
         _record_outputs(out, {"train_report.txt": "\n".join(lines) + "\n"})
