@@ -194,7 +194,7 @@ def save(step, path, *, extra: dict | None = None) -> str:
                                 "not a saved pockc step; save into a new or empty directory")
     os.makedirs(path, exist_ok=True)
     model, layout = step.model, step.layout
-    gm = step.graph
+    gm, sig = _current_program(step)
     program, constants = graph_to_json(gm)
     canon = _canonical(model)
     params = dict(model.named_parameters())
@@ -225,7 +225,6 @@ def save(step, path, *, extra: dict | None = None) -> str:
         if not (os.path.isfile(full) and os.path.getsize(full) == len(data) and _file_sha(full) == digest):
             atomic_write(full, data)
         files[kind] = {"name": name, "bytes": len(data), "sha256": digest}
-    sig = step._signature
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "pockc": _version(), "torch": torch.__version__,
@@ -289,6 +288,20 @@ def restore_rng_state(step) -> bool:
         return False
     _rng_set(state, _device_of(step))
     return True
+
+
+def _current_program(step):
+    """(program, batch signature) that the step runs for the model's modules and modes and the
+    optimizer's settings as they are now, and the batch it ran last (else the compiled one)."""
+    from .train_step import module_key
+    sig = step._last[0][0] if step._last is not None else step._signature
+    key = (sig, module_key(step.model), step.optimizer.graph_key())
+    gm = step._graphs.get(key)
+    if gm is None:
+        raise ArtifactError("the model's train/eval modes or submodules, or the optimizer's settings, changed since "
+                            "the step last ran, and it has no program for them yet: run one step (or restore them) "
+                            "before saving")
+    return gm, sig
 
 
 def _frozen_versions(weights: dict) -> tuple:

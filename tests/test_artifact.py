@@ -357,3 +357,24 @@ def test_mcu_example_resumes(tmp_path):
         m = copy.deepcopy(model)
         return m, pockc.compile(m, mod.loss_fn, batch, update="last:3", optimizer=pockc.SGD(lr=0.05, momentum=0.9))
     _resume_equals_uninterrupted(make, [batch], tmp_path)
+
+
+def test_save_takes_the_program_of_the_current_modes_and_settings(tmp_path):
+    """After model.eval() (a recompiled step), the saved step is the eval program with eval modes;
+    with settings the step has no program for yet, save says so."""
+    ex = zoo.small_cnn()
+    model = copy.deepcopy(ex.model)
+    step = pockc.compile(model, ex.loss_fn, ex.example_batch, update="last:2", optimizer=pockc.SGD(lr=0.1))
+    step(*ex.example_batch)
+    model.eval()
+    with pytest.warns(UserWarning, match="train/eval mode"):
+        step(*ex.example_batch)
+    step.save(tmp_path / "s")
+    loaded = pockc.load(tmp_path / "s")
+    assert not any(m.training for m in loaded.model.modules())
+    step(*ex.example_batch)
+    loaded(*ex.example_batch)
+    _states_equal(loaded.state_dict(), model.state_dict())
+    step.optimizer.momentum = 0.9
+    with pytest.raises(pockc.ArtifactError, match="run one step"):
+        step.save(tmp_path / "t")
