@@ -98,7 +98,7 @@ def suite(quick: bool) -> list[dict]:
     ]
 
 
-VARIANTS = ("eager_full", "eager_same", "compile_same", "pockc[aten]", "pockc[inductor]")
+VARIANTS = ("eager_full", "eager_same", "compile_same", "pockc[aten]", "pockc[inductor]", "pockc[aoti]")
 
 
 def devices_present() -> list[str]:
@@ -237,6 +237,22 @@ class _Worker:
             plan = pockc.resolve_update(update, model, analyze_forward(model, ex.loss_fn, self.batch))
             loss_fn = torch.compile(ex.loss_fn) if variant == "compile_same" else ex.loss_fn
             self.runner = EagerStep(model, loss_fn, opt, plan)
+        elif variant == "pockc[aoti]":          # the step exported as an AOTInductor package, run from it
+            import tempfile
+
+            from pockc.runtime.aoti import export_aoti, load_aoti
+            if opts.get("lora"):
+                step = pockc.finetune(model, ex.loss_fn, self.batch, lora=pockc.LoraConfig(**opts["lora"]),
+                                      optimizer=opt)
+            else:
+                step = pockc.compile(model, ex.loss_fn, self.batch, update=update, optimizer=opt)
+            self.planned_peak = step.memory.peak_bytes
+            self._tmp = tempfile.TemporaryDirectory(prefix="pockc-bench-")
+            t_export = time.perf_counter()
+            path = export_aoti(step, os.path.join(self._tmp.name, "step.pt2"))
+            self.export_s = time.perf_counter() - t_export
+            self.runner = load_aoti(path)
+            self.allocator_memory = True    # AOTI's buffers are c10 allocations the tensor tracker cannot see
         else:
             backend = variant[len("pockc["):-1]
             if opts.get("lora"):
@@ -269,7 +285,11 @@ class _Worker:
     def memory(self):
         if self.compiled_memory_blind:
             return {"peak_bytes": None, "why": "the CPU tracker cannot see Inductor-generated buffers"}
-        from pockc.runtime.memory import measure_peak
+        from pockc.runtime.memory import measure_allocator_peak, measure_peak
+        if getattr(self, "allocator_memory", False):
+            gc.collect()
+            _, peak = measure_allocator_peak(self.runner, *self.batch)
+            return {"peak_bytes": peak, "measured_at": "allocator"}
         if hasattr(self.runner, "release_grads"):
             self.runner.release_grads()
         gc.collect()
@@ -291,6 +311,7 @@ def worker_main(spec_json):
     try:
         w = _Worker(spec)
         ready = {"ready": True, "setup_s": w.setup_s, "planned_peak_bytes": w.planned_peak,
+                 "export_s": getattr(w, "export_s", None),
                  "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
         ready["malloc_thresholds"] = heap.thresholds()  # after set-up: a pockc step has raised its own
         if isinstance(w.runner, EagerStep):
@@ -434,7 +455,9 @@ def _ratios(vs):
         f = vs.get(k, {})
         return f.get("_times") or None
 
-    for pk in ("pockc[aten]", "pockc[inductor]"):
+    if t("pockc[aten]") and t("pockc[aoti]"):
+        out["pockc[aten]/pockc[aoti]"] = med(t("pockc[aten]")) / med(t("pockc[aoti]"))
+    for pk in ("pockc[aten]", "pockc[inductor]", "pockc[aoti]"):
         if not t(pk):
             continue
         for base in ("eager_full", "eager_same", "compile_same"):
@@ -592,6 +615,11 @@ def claims(res):
             for pk in ("pockc[aten]", "pockc[inductor]"):
                 add(f"{pk} no slower than eager with the same trainable set", mname, cfg["label"],
                     f"eager_same/{pk}", 1.0, cfg)
+            if mname == "mcu_cnn":
+                add("pockc[aoti] >= 1.2x pockc[aten] on the MCU-class CNN", mname, cfg["label"],
+                    "pockc[aten]/pockc[aoti]", 1.2, cfg)
+            else:
+                add("pockc[aoti] no slower than pockc[aten]", mname, cfg["label"], "pockc[aten]/pockc[aoti]", 1.0, cfg)
             if res["settings"]["quick"]:  # the targets are defined at full size (b8, 128px)
                 continue
             if mname == "mobilenet_v2" and cfg["label"] == "last:4+head":
@@ -628,16 +656,20 @@ def markdown(res) -> str:
             for pk in ("pockc[aten]", "pockc[inductor]"):
                 row += [f"{r[k]:.2f}x" if k in r else "-" for k in (f"eager_same/{pk}", f"compile_same/{pk}",
                                                                     f"eager_full/{pk}")]
-            row += [_fmt_mem(vs.get(v, {})) for v in ("eager_full", "eager_same", "pockc[aten]")]
+            row.append(f"{r['pockc[aten]/pockc[aoti]']:.2f}x" if "pockc[aten]/pockc[aoti]" in r else "-")
+            row += [_fmt_mem(vs.get(v, {})) for v in ("eager_full", "eager_same", "pockc[aten]", "pockc[aoti]")]
             planned = vs.get("pockc[aten]", {}).get("planned_peak_bytes")
             row.append("-" if planned is None else f"{planned / MiB:.1f}")
             row += [f"{vs.get(v, {}).get('setup_s', 0):.0f}" if "setup_s" in vs.get(v, {}) else "-"
-                    for v in ("compile_same", "pockc[aten]", "pockc[inductor]")]
+                    for v in ("compile_same", "pockc[aten]", "pockc[inductor]", "pockc[aoti]")]
+            export_s = vs.get("pockc[aoti]", {}).get("export_s")
+            row.append("-" if export_s is None else f"{export_s:.0f}")
             rows.append(row)
     headers = (["model", "scheme", "eager full ms", "eager same ms", "torch.compile same ms", "pockc aten ms",
-                "pockc inductor ms", "same/aten", "compile/aten", "full/aten", "same/ind", "compile/ind",
-                "full/ind", "peak MiB eager full", "peak MiB eager same", "peak MiB pockc aten",
-                "planned MiB pockc", "setup s compile", "setup s aten", "setup s ind"])
+                "pockc inductor ms", "pockc aoti ms", "same/aten", "compile/aten", "full/aten", "same/ind",
+                "compile/ind", "full/ind", "aten/aoti", "peak MiB eager full", "peak MiB eager same",
+                "peak MiB pockc aten", "peak MiB pockc aoti", "planned MiB pockc", "setup s compile",
+                "setup s aten", "setup s ind", "setup s aoti", "package s aoti"])
     mi, st = res["machine"], res["settings"]
     la = lambda k: "/".join(f"{x:.2f}" for x in mi[k]) if mi.get(k) else "n/a"  # noqa: E731
     lines = [f"# pockc bench: {mi['device']}{' (quick)' if st['quick'] else ''}", "",
@@ -648,7 +680,9 @@ def markdown(res) -> str:
              f"Median step time (min-max) in ms over {st['steps']} timed steps after {st['warmup']} warm-up steps; "
              "every variant in its own process, timed in interleaved rounds. Ratios: baseline median / pockc "
              "median (> 1: pockc faster). Peak: MiB of tensor storage allocated during one step (parameters, "
-             "buffers, optimizer state excluded); n/a where the CPU tracker cannot see Inductor buffers. "
+             "buffers, optimizer state excluded); n/a where the CPU tracker cannot see Inductor buffers; the aoti "
+             "peak is measured at the allocator (kernel scratch included). aoti: the step exported with "
+             "step.export(target='aoti') and run from the package; package s: its export and packaging time. "
              "Setup: build + compile + warm-up seconds. " + MALLOC_NOTE[st.get("malloc", "kept")], "",
              tabulate(rows, headers=headers, tablefmt="github"), ""]
     for c in res["claims"]:
@@ -712,7 +746,9 @@ def add_arguments(ap):
     ap.add_argument("--device", default=None, help="comma-separated: cpu,cuda,mps (default: every one present)")
     ap.add_argument("--models", default=None, help="comma-separated subset: mcu_cnn,mobilenet_v2,resnet18,bert,llama")
     ap.add_argument("--schemes", default=None, help="comma-separated scheme labels to keep (e.g. full,bias,last:2)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all; with --quick all but "
+                         "pockc[aoti], whose AOTInductor packaging takes tens of seconds per configuration)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10; 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 2; 1 with --quick)")
     ap.add_argument("--threads", type=int, default=1,
@@ -728,7 +764,7 @@ def add_arguments(ap):
 
 def main_args(a):
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
-    variants = split(a.variants)
+    variants = split(a.variants) or [v for v in VARIANTS if not (a.quick and v == "pockc[aoti]")]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")

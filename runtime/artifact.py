@@ -427,7 +427,7 @@ def load(path, *, model: torch.nn.Module | None = None, device=None, verify: boo
     from .train_step import TrainStep
 
     path = os.fspath(path)
-    if os.path.isfile(path) and path.endswith(".pt2"):
+    if path.endswith(".pt2") and not os.path.isdir(path):
         from .aoti import load_aoti
         return load_aoti(path)
     m = read_manifest(path)

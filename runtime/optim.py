@@ -75,6 +75,14 @@ class Optimizer:
         return cls(**d)
 
 
+def checked_optimizer(opt) -> "Optimizer":
+    """``opt`` if it is a pockc optimizer (what ``step.optimizer = ...`` accepts), else a TypeError."""
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"step.optimizer must be a pockc optimizer (pockc.SGD / pockc.AdamW), "
+                        f"not {type(opt).__name__}")
+    return opt
+
+
 def _hashable(v):
     return tuple(v) if isinstance(v, list) else v
 

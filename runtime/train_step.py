@@ -18,7 +18,7 @@ import torch
 from . import heap
 from .batch import batch_signature, batch_tensors, describe_leaf, signature_difference
 from .errors import BatchError, StepError
-from .optim import Optimizer
+from .optim import Optimizer, checked_optimizer
 
 
 class TrainStep:
@@ -93,10 +93,7 @@ class TrainStep:
 
     @optimizer.setter
     def optimizer(self, opt):
-        if not isinstance(opt, Optimizer):
-            raise TypeError(f"step.optimizer must be a pockc optimizer (pockc.SGD / pockc.AdamW), "
-                            f"not {type(opt).__name__}")
-        self._optimizer = opt
+        self._optimizer = checked_optimizer(opt)
 
     @property
     def code(self) -> str:
