@@ -561,8 +561,9 @@ def _run_training(args, step, train, run, model):
         return INTERRUPTED
     run.seconds = time.perf_counter() - t0
     run.losses = losses
-    kept = (f"step {start + (len(losses) - 1) // args.save_every * args.save_every}"
-            if args.save_every and len(losses) > args.save_every else (f"step {start}" if start else None))
+    good = start + len(losses) - 1                  # steps of the run done before a non-finite loss
+    last = good // args.save_every * args.save_every if args.save_every else 0
+    kept = f"step {max(last, start)} of the run" if max(last, start) else None
     _check_finite(losses, f"of the run's {run.total} on train_data()", run.lr0, args.out, kept, first=start + 1)
     return None
 

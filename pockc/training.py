@@ -14,6 +14,7 @@ leaves the previous checkpoint loadable.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -97,7 +98,7 @@ def train(step, batches, run: Run, out: str, *, save_every: int = 0, progress=No
 
     def on_step(done, loss):
         run.done = done
-        if save_every and done % save_every == 0 and done < run.total:
+        if save_every and done % save_every == 0 and done < run.total and math.isfinite(loss):
             checkpoint(step, out, run, model)
 
     try:
