@@ -127,13 +127,8 @@ class _Worker:
         self.info["threads"] = torch.get_num_threads()
 
     def run(self, n):
-        times = []
-        for _ in range(n):
-            gc.collect()
-            t0 = time.perf_counter()
-            self.runner(*self.batch)
-            times.append(time.perf_counter() - t0)
-        return times
+        from pockc.bench import time_calls
+        return time_calls(self.runner, self.batch, n)
 
     def memory(self):
         from pockc.runtime.memory import measure_allocator_peak

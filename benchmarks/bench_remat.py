@@ -273,13 +273,8 @@ class _Worker:
         self.info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
 
     def run(self, n):
-        times = []
-        for _ in range(n):
-            gc.collect()
-            t0 = time.perf_counter()
-            self.runner(*self.batch)
-            times.append(time.perf_counter() - t0)
-        return times
+        from pockc.bench import time_calls
+        return time_calls(self.runner, self.batch, n)
 
     def _resident(self):
         import torch

@@ -205,6 +205,20 @@ def _to(x, device):
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
+def time_calls(fn, args, n, device="cpu") -> list:
+    """Seconds of each of ``n`` calls ``fn(*args)``, the garbage collected and ``device`` synchronized
+    before each (the timing loop of every benchmark worker)."""
+    times = []
+    for _ in range(n):
+        gc.collect()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(*args)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 class _Worker:
     """Builds one variant in this process and answers ``run N`` / ``memory`` / ``quit``."""
 
@@ -272,15 +286,7 @@ class _Worker:
         self.setup_s = time.perf_counter() - t0
 
     def run(self, n):
-        times = []
-        for _ in range(n):
-            gc.collect()
-            _sync(self.device)
-            t0 = time.perf_counter()
-            self.runner(*self.batch)
-            _sync(self.device)
-            times.append(time.perf_counter() - t0)
-        return times
+        return time_calls(self.runner, self.batch, n, self.device)
 
     def memory(self):
         if self.compiled_memory_blind:

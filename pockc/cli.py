@@ -347,10 +347,11 @@ def _write_manifest(out, files: dict):
          "files": {n: sorted(h) for n, h in sorted(files.items())}}, indent=1) + "\n")
 
 
-def write_outputs(out, files: dict) -> list:
+def write_outputs(out, files: dict, *, keep_others: bool = False) -> list:
     """Write ``{name: text}`` into ``out``, each file atomically, and remove the files an earlier run
     of pockc wrote there that this run does not (only those still as pockc wrote them, by their hash
-    in the directory's manifest; nothing pockc did not write). Returns the names removed."""
+    in the directory's manifest; nothing pockc did not write). ``keep_others``: add these files to
+    the ones written before and remove nothing. Returns the names removed."""
     from pockc.runtime.fileio import atomic_write, fsync_dir, remove_stale_temps
     data = {n: t.encode("utf-8") if isinstance(t, str) else t for n, t in files.items()}
     new = {n: {_sha(b)} for n, b in data.items()}
@@ -360,7 +361,7 @@ def write_outputs(out, files: dict) -> list:
     for name, b in data.items():
         atomic_write(os.path.join(out, name), b)
     removed = []
-    for name in sorted(set(old) - set(data)):
+    for name in sorted(set(old) - set(data)) if not keep_others else ():
         full = os.path.join(out, name)
         try:
             if os.path.isfile(full) and not os.path.islink(full):
@@ -370,7 +371,7 @@ def write_outputs(out, files: dict) -> list:
                         removed.append(name)
         except OSError:
             pass
-    _write_manifest(out, new)
+    _write_manifest(out, {**old, **new} if keep_others else new)
     remove_stale_temps(out)
     fsync_dir(out)
     return removed
@@ -632,7 +633,7 @@ def cmd_train(args):
         return status
     try:
         training.checkpoint(step, out, run, model)
-        _record_outputs(out, {"train_report.txt": "\n".join(lines) + "\n"})
+        write_outputs(out, {"train_report.txt": "\n".join(lines) + "\n"}, keep_others=True)
         exported = _export(args, step)
     except OSError as e:
         raise RunError(f"{out}: could not write the checkpoint ({e.strerror or e}); the previous one is intact") from None
@@ -647,17 +648,6 @@ def _example_of(step):
     import torch
     leaves = [sig for _, sig in step._signature[1]]
     return tuple(torch.zeros(s[1], dtype=s[2]) if s[0] == "tensor" else None for s in leaves)
-
-
-def _record_outputs(out, files: dict):
-    """Write files into ``out`` atomically and add them to its manifest (nothing else is removed)."""
-    from pockc.runtime.fileio import atomic_write
-    data = {n: t.encode("utf-8") if isinstance(t, str) else t for n, t in files.items()}
-    old = _read_manifest(out)
-    _write_manifest(out, {**old, **{n: old.get(n, set()) | {_sha(b)} for n, b in data.items()}})
-    for name, b in data.items():
-        atomic_write(os.path.join(out, name), b)
-    _write_manifest(out, {**old, **{n: {_sha(b)} for n, b in data.items()}})
 
 
 def build_parser():

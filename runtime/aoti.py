@@ -65,6 +65,7 @@ import zipfile
 
 import torch
 
+from .artifact import _version, check_versions, draws_random, signature_to_json
 from .batch import batch_signature, batch_tensors, describe_leaf, signature_difference
 from .errors import ArtifactError, BatchError, StepError
 from .fileio import atomic_write, fsync_dir, remove_stale_temps
@@ -88,11 +89,6 @@ _ROLES = ("param", "frozen", "buffer", "state")
 
 class RunnerBuildError(RuntimeError):
     """The C++ runner could not be built (no C++ compiler, or the compiler failed)."""
-
-
-def _version():
-    from . import __version__
-    return __version__
 
 
 # -- export ---------------------------------------------------------------------------------
@@ -210,7 +206,7 @@ def export_aoti(step, path, example_batch=None, *, inductor_configs: dict | None
         scalars = step.optimizer.scalars(step_count)
         scalar_inputs = [torch.tensor(scalars[s], dtype=torch.float64) for s in lay.scalars]
         extra = _state_dict_plan(step.model, inputs[:n_tensors], rows)
-        sig_json = _signature_to_json(signature)
+        sig_json = signature_to_json(signature)
         opt_dict = step.optimizer.to_dict()
         meta = _runner_metadata(step, rows, len(flat), step_count)
     module = _StepModule(gm, [r[0] for r in rows], tensors)
@@ -243,7 +239,7 @@ def export_aoti(step, path, example_batch=None, *, inductor_configs: dict | None
         "records": {"state": STATE_RECORD},
         "inductor_configs": {k: v for k, v in configs.items() if k != "aot_inductor.metadata"},
         "threads": torch.get_num_threads(),
-        "draws_random": _draws_random(gm),
+        "draws_random": draws_random(gm),
     }
     state_bytes = io.BytesIO()
     torch.save({k: v.cpu() for k, v in stored.items()}, state_bytes)
@@ -272,16 +268,6 @@ def _state_dict_plan(model, graph_tensors, rows) -> dict:
         else:
             keys.append([key, hit[0], hit[1]])
     return {"keys": keys, "tensors": tensors}
-
-
-def _draws_random(gm) -> bool:
-    from .artifact import draws_random
-    return draws_random(gm)
-
-
-def _signature_to_json(sig) -> list:
-    from .artifact import signature_to_json
-    return signature_to_json(sig)
 
 
 # -- load -----------------------------------------------------------------------------------
@@ -342,13 +328,7 @@ def load_aoti(path, *, strict_versions: bool = True, device=None) -> "AotiStep":
     path = os.fspath(path)
     manifest, stored = _read_records(path)
     if strict_versions:
-        if manifest.get("pockc") != _version():
-            raise ArtifactError(f"{path}: written by pockc {manifest.get('pockc')}, this is pockc {_version()} "
-                                "(pass strict_versions=False to try)")
-        if str(manifest.get("torch", "")).split("+")[0] != torch.__version__.split("+")[0]:
-            raise ArtifactError(f"{path}: compiled with torch {manifest.get('torch')}, this is torch "
-                                f"{torch.__version__}; an AOTInductor package is tied to its torch release "
-                                "(export it again, or pass strict_versions=False to try)")
+        check_versions(manifest, path, tied="an AOTInductor package is tied to its torch release: export it again")
     dev = torch.device(device if device is not None else manifest.get("device", "cpu"))
     try:
         with warnings.catch_warnings():

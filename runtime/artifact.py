@@ -196,7 +196,6 @@ def save(step, path, *, extra: dict | None = None) -> str:
     model, layout = step.model, step.layout
     gm, sig = _current_program(step)
     program, constants = graph_to_json(gm)
-    canon = _canonical(model)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     trained = set(layout.params)
@@ -237,7 +236,6 @@ def save(step, path, *, extra: dict | None = None) -> str:
         "model": _module_tree(model),
         "extra": extra or {},
     }
-    assert all(canon[n] == n for n in layout.params + layout.frozen), "layout names are canonical"
     atomic_write(os.path.join(path, "program.py"), _readable(step, gm))
     out = atomic_write(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     keep = {f["name"] for f in files.values()}
@@ -357,13 +355,14 @@ def read_manifest(path) -> dict:
     return m
 
 
-def _check_versions(m, full):
+def check_versions(m, where, tied="aten programs are tied to a torch release"):
+    """ArtifactError naming ``where`` when manifest ``m`` was written by another pockc or torch release."""
     if m.get("pockc") != _version():
-        raise ArtifactError(f"{full}: saved by pockc {m.get('pockc')}, this is pockc {_version()}; load it with "
+        raise ArtifactError(f"{where}: saved by pockc {m.get('pockc')}, this is pockc {_version()}; load it with "
                             f"that version (or pass strict_versions=False to try)")
     if _torch_release(str(m.get("torch"))) != _torch_release(torch.__version__):
-        raise ArtifactError(f"{full}: saved with torch {m.get('torch')}, this is torch {torch.__version__}; aten "
-                            f"programs are tied to a torch release (or pass strict_versions=False to try)")
+        raise ArtifactError(f"{where}: saved with torch {m.get('torch')}, this is torch {torch.__version__}; {tied} "
+                            f"(or pass strict_versions=False to try)")
 
 
 def _read_file(path, entry, verify) -> bytes:
@@ -433,7 +432,7 @@ def load(path, *, model: torch.nn.Module | None = None, device=None, verify: boo
     m = read_manifest(path)
     full = os.path.join(path, MANIFEST)
     if strict_versions:
-        _check_versions(m, full)
+        check_versions(m, full)
     try:
         files, st, tree = m["files"], m["step"], m["model"]
         raw = {k: _read_file(path, files[k], verify) for k in _KINDS}
