@@ -12,7 +12,7 @@ Models (from pockc.zoo) and update policies:
 * Llama-style decoder (d=512, 8 layers, 8 heads, seq 256, batch 4, vocab 8000),
   pockc.AdamW(lr=1e-4): ``full``, ``last:2``, ``{"layers.7.*": "channels:0.25"}``.
 
-Variants, each on its own deep copy of the model:
+Variants, each in its own process (pockc.bench's workers) on a model built from the same seed:
 
 * ``eager_full`` -- every parameter trained with torch.optim;
 * ``eager_same`` -- the trainable set of the pockc plan, trained the way tests/oracle.py does it:
@@ -30,10 +30,12 @@ loss.backward(); opt.step()``. torch.optim is built with its default ``foreach=N
 CPU resolves to the single-tensor (for-loop) implementation, the code path whose arithmetic
 pockc's in-graph optimizers follow; the resolved value is recorded in the JSON.
 
-Timing: ``--warmup`` steps per variant (default 2), then ``--steps`` timed steps (default 10)
-taken round-robin over the variants of one model (the starting variant rotates each round), so
-machine noise spreads over all of them; medians, min and max are reported, and ratios are
-taken from figures measured in this one run (also as the median of per-round paired ratios).
+Timing: ``--warmup`` steps per variant (default 2), then ``--steps`` rounds (default 10): each
+round asks every variant's process in turn for one step (the starting one rotates) while nothing
+else runs, so machine noise spreads over all of them; medians, min and max are reported, and
+ratios are taken from figures measured in this one run (also as the median of per-round paired
+ratios). The 1-minute load average is sampled every round: a run whose load exceeded the cores
+is flagged. Results go into benchmarks/results only from a committed tree.
 
 Memory: one more, untimed step per variant under ``pockc.runtime.memory.measure_peak``: the
 peak of tensor storage *allocated during the step* (activations, gradients, temporaries;
@@ -41,8 +43,7 @@ exact on CPU, see runtime/memory.py), plus ``resident_bytes``, the distinct stor
 lives across steps (parameters, buffers, optimizer state, the eager channel-sparse leaves).
 Gradients of the previous step are released before the measured step, as ``zero_grad`` does.
 
-Threads: ``--threads`` (default 1; see DEFAULT_THREADS below for why) -- both the requested
-and torch's default thread counts are recorded.
+Threads: ``--threads`` per process (default 1; see DEFAULT_THREADS below for why).
 
 Output: benchmarks/results/core_cpu.json (machine, commit, date, every figure) and
 benchmarks/results/core_cpu.md (a GitHub-flavoured Markdown table).
@@ -54,7 +55,6 @@ import copy
 import datetime
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -106,10 +106,11 @@ def update_label(update) -> str:
     return update if isinstance(update, str) else json.dumps(update)
 
 
-# --------------------------------------------------------------------------- eager baselines
+# --------------------------------------------------------------------------- one variant (worker)
 # One eager baseline for the tests' oracle and every benchmark; it lives in the installed package
 # so that `pockc bench` can use it.
-from pockc.bench import EagerStep, git_commit, resolved_foreach, torch_optimizer, write_results  # noqa: E402,F401
+from pockc.bench import (BenchError, EagerStep, git_commit, load_average, run_workers, serve,  # noqa: E402
+                         worker_env, write_results)
 
 
 class PockcStep:
@@ -128,7 +129,6 @@ class PockcStep:
         return list(self.model.parameters()) + list(self.model.buffers()) + list(self.step.state.values())
 
 
-# --------------------------------------------------------------------------- measuring
 def summarize(times_s):
     ms = [t * 1e3 for t in times_s]
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms),
@@ -143,68 +143,84 @@ def measure_memory(runner, batch):
     return {"peak_bytes": peak, "resident_bytes": resident, "peak_total_bytes": resident + peak}
 
 
-def bench_model(spec, steps, warmup, bar):
+class _Worker:
+    """One variant (``eager_full``, ``eager_same`` or ``pockc`` of one policy) in its own process,
+    on a model built from the same seed as every other variant's."""
+
+    def __init__(self, spec):
+        from pockc.bench import time_calls
+        from pockc.trace import analyze_forward
+        self._time_calls = time_calls
+        torch.manual_seed(0)
+        ex = zoo.ZOO[spec["model"]](**spec["sizes"])
+        opt = pockc.Optimizer.from_dict(spec["optimizer"])
+        self.batch, variant = ex.example_batch, spec["variant"]
+        t0 = time.perf_counter()
+        if variant == "pockc":
+            self.runner = PockcStep(ex.model, ex.loss_fn, self.batch, spec["update"], opt)
+            self.info = {"compile_s": self.runner.compile_seconds}
+        else:
+            plan = None if variant == "eager_full" else pockc.resolve_update(
+                spec["update"], ex.model, analyze_forward(ex.model, ex.loss_fn, self.batch))
+            self.runner = EagerStep(ex.model, ex.loss_fn, opt, plan)
+            self.info = {"torch_optim_foreach": self.runner.foreach}
+        for _ in range(spec["warmup"]):
+            self.runner(*self.batch)
+        self.info["setup_s"] = time.perf_counter() - t0
+
+    def run(self, n):
+        return self._time_calls(self.runner, self.batch, n)
+
+    def memory(self):
+        return measure_memory(self.runner, self.batch)
+
+
+def worker_main(spec_json):
+    serve(_Worker, spec_json)
+
+
+def bench_model(spec, steps, warmup, threads, bar):
+    """Every variant of one model, each in its own process (pockc.bench's workers), timed in
+    interleaved rounds."""
+    from pockc.trace import analyze_forward
+    torch.manual_seed(0)
     ex = spec["builder"](**spec["sizes"])
     opt = spec["optimizer"]
-    batch = ex.example_batch
     n_params = sum(p.numel() for p in ex.model.parameters())
-    variants = {}  # key -> runner
-
-    bar.set_description(f"{spec['name']}: eager_full setup")
-    variants["eager_full"] = EagerStep(copy.deepcopy(ex.model), ex.loss_fn, opt)
-    configs = []
+    order = analyze_forward(ex.model, ex.loss_fn, ex.example_batch)
+    base = dict(model=spec["name"], sizes=spec["sizes"], optimizer=opt.to_dict(), warmup=warmup, threads=threads)
+    specs, configs = {"eager_full": dict(base, variant="eager_full")}, []
     for update in spec["updates"]:
         label = update_label(update)
-        bar.set_description(f"{spec['name']} {label}: compiling")
-        pk = PockcStep(copy.deepcopy(ex.model), ex.loss_fn, batch, update, opt)
-        plan = pk.step.update_plan
-        trained, total = plan.counts()
-        same_key = "eager_full" if plan.counts()[0] == n_params and not any(
+        plan = pockc.resolve_update(update, ex.model, order)
+        trained, _ = plan.counts()
+        same_key = "eager_full" if trained == n_params and not any(
             plan.selection(n) is not None for n in plan.trainable_names()) else f"eager_same[{label}]"
-        if same_key not in variants:
-            variants[same_key] = EagerStep(copy.deepcopy(ex.model), ex.loss_fn, opt, plan)
-        variants[f"pockc[{label}]"] = pk
+        specs.setdefault(same_key, dict(base, variant="eager_same", update=update))
+        specs[f"pockc[{label}]"] = dict(base, variant="pockc", update=update)
         configs.append(dict(update=update, label=label, same_key=same_key, pockc_key=f"pockc[{label}]",
-                            trainable_tensors=len(plan.trainable_names()), trained_params=trained,
-                            compile_s=pk.compile_seconds))
-        bar.update(1)
+                            trainable_tensors=len(plan.trainable_names()), trained_params=trained))
 
-    keys = list(variants)
-    for k in keys:
-        bar.set_description(f"{spec['name']}: warmup {k}")
-        for _ in range(warmup):
-            variants[k](*batch)
-        bar.update(warmup)
-    times = {k: [] for k in keys}
-    for r in range(steps):
-        bar.set_description(f"{spec['name']}: timed round {r + 1}/{steps}")
-        for i in range(len(keys)):
-            k = keys[(r + i) % len(keys)]
-            gc.collect()
-            t0 = time.perf_counter()
-            variants[k](*batch)
-            times[k].append(time.perf_counter() - t0)
+    def log(msg):
+        bar.set_description(f"{spec['name']}: {msg}")
+        if msg.startswith("round"):
             bar.update(1)
-    memory = {}
-    for k in keys:
-        bar.set_description(f"{spec['name']}: memory {k}")
-        memory[k] = measure_memory(variants[k], batch)
-        bar.update(1)
+    figs, load = run_workers(specs, "benchmarks.bench_core", lambda k, _: worker_env(k, threads), steps, log=log)
+    failed = {k: f["error"] for k, f in figs.items() if "error" in f}
+    if failed:
+        raise RuntimeError(f"{spec['name']}: variants failed: {failed}")
+    times = {k: f.pop("_times") for k, f in figs.items()}
+    for k, f in figs.items():
+        f.pop("round_medians_ms", None)
+        f["time_ms"] = summarize(times[k])
 
-    def fig(k):
-        out = {"time_ms": summarize(times[k]), **memory[k]}
-        if isinstance(variants[k], EagerStep):
-            out["torch_optim_foreach"] = variants[k].foreach
-        return out
-
-    result = {"sizes": spec["sizes"], "optimizer": opt.to_dict(), "params": n_params,
-              "eager_full": fig("eager_full"), "configs": []}
+    result = {"sizes": spec["sizes"], "optimizer": opt.to_dict(), "params": n_params, "load_1min": load,
+              "eager_full": figs["eager_full"], "configs": []}
+    med = statistics.median
     full_t = times["eager_full"]
     for c in configs:
         same_t, pk_t = times[c["same_key"]], times[c["pockc_key"]]
-        same, pk = fig(c["same_key"]), fig(c["pockc_key"])
-        pk["compile_s"] = c["compile_s"]
-        med = lambda xs: statistics.median(xs)  # noqa: E731
+        same, pk = figs[c["same_key"]], figs[c["pockc_key"]]
         result["configs"].append({
             "update": c["update"], "label": c["label"],
             "trainable_tensors": c["trainable_tensors"], "trained_params": c["trained_params"],
@@ -283,50 +299,32 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_average():
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
 def run(quick=False, steps=None, warmup=None, out_dir=RESULTS, models=None, sizes=None, updates=None,
         progress=True, name="core_cpu", threads=DEFAULT_THREADS):
     """Run the benchmark, write ``{name}.json`` and ``{name}.md`` under ``out_dir``; return the dict.
 
-    ``threads``: torch.set_num_threads for the run (restored afterwards); 0 or None keeps torch's
-    default."""
-    default_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _run(quick, steps, warmup, out_dir, models, sizes, updates, progress, name, default_threads)
-    finally:
-        torch.set_num_threads(default_threads)
-
-
-def _run(quick, steps, warmup, out_dir, models, sizes, updates, progress, name, default_threads):
+    ``threads``: intra-op threads of every variant's process; 0 or None keeps torch's default."""
+    from pockc.bench import require_committed
+    require_committed(out_dir)
     steps = steps if steps is not None else (3 if quick else 10)
     warmup = warmup if warmup is not None else (1 if quick else 2)
     specs = [s for s in model_specs(quick, sizes, updates) if models is None or s["name"] in models]
-    n_units = 0
-    for s in specs:
-        n_var = 1 + sum(2 - (u == "full") for u in s["updates"])
-        n_units += len(s["updates"]) + n_var * (warmup + steps + 1)
     res = {"benchmark": "core_cpu", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "git_commit": git_commit(), "machine": machine_info(),
-           "settings": {"quick": quick, "steps": steps, "warmup": warmup,
+           "settings": {"quick": quick, "steps": steps, "warmup": warmup, "threads": threads,
+                        "timing": "one process per variant, interleaved rounds of one step per process, "
+                                  "starting process rotated per round",
                         "torch_optim": "default foreach=None (resolved per variant in torch_optim_foreach)",
                         "memory": "peak_bytes: peak of storage allocated during one untimed step "
                                   "(pockc.runtime.memory.measure_peak); resident_bytes: parameters, "
                                   "buffers, optimizer state"},
            "models": {}}
-    res["machine"]["torch_default_num_threads"] = default_threads
+    res["machine"]["torch_num_threads"] = threads or torch.get_num_threads()
     res["machine"]["load_average_start"] = load_average()  # 1/5/15-min: other processes' noise
     t0 = time.perf_counter()
-    with tqdm(total=n_units, unit="step", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=steps * len(specs), unit="round", disable=not progress, file=sys.stderr) as bar:
         for s in specs:
-            res["models"][s["name"]] = bench_model(s, steps, warmup, bar)
+            res["models"][s["name"]] = bench_model(s, steps, warmup, threads, bar)
     res["machine"]["load_average_end"] = load_average()
     res["wall_s"] = time.perf_counter() - t0
     res["claims"] = claims(res["models"], quick)
@@ -343,12 +341,18 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="output directory (default benchmarks/results)")
     ap.add_argument("--name", default=None, help="output file stem (default core_cpu, core_cpu_quick with --quick)")
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                    help=f"torch.set_num_threads for the run (default {DEFAULT_THREADS}; 0 = torch's default)")
+                    help=f"intra-op threads per process (default {DEFAULT_THREADS}; 0 = torch's default)")
     ap.add_argument("--no-progress", action="store_true")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1])
     a = ap.parse_args(argv)
     name = a.name or ("core_cpu_quick" if a.quick else "core_cpu")
-    res = run(a.quick, a.steps, a.warmup, a.out, a.models.split(",") if a.models else None,
-              progress=not a.no_progress, name=name, threads=a.threads)
+    try:
+        res = run(a.quick, a.steps, a.warmup, a.out, a.models.split(",") if a.models else None,
+                  progress=not a.no_progress, name=name, threads=a.threads)
+    except BenchError as e:
+        raise SystemExit(f"error: {e}") from None
     print(markdown(res))
     return res
 

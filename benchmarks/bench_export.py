@@ -36,7 +36,6 @@ import argparse
 import datetime
 import gc
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -47,8 +46,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from pockc.bench import (KEPT_HEAP_BYTES, WorkerProcess, _summary, git_commit, machine_info, worker_env,
-                         write_results)
+from pockc.bench import (BenchError, git_commit, load_average, machine_info, require_committed, run_workers, serve,
+                         worker_env, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -140,65 +139,21 @@ class _Worker:
 
 
 def worker_main(spec_json):
-    """The process side of pockc.bench.WorkerProcess's protocol: one JSON line per command."""
-    from pockc.runtime import heap
-    spec = json.loads(spec_json)
-    heap.keep_heap(KEPT_HEAP_BYTES)        # the same malloc thresholds in every variant's process
-    import torch
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    out, sys.stdout = sys.stdout, sys.stderr
-    try:
-        w = _Worker(spec)
-    except Exception as e:  # noqa: BLE001 -- reported to the parent as a failed variant
-        out.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"[:800]}) + "\n")
-        out.flush()
-        return
-    out.write(json.dumps({"ready": True, **w.info}) + "\n")
-    out.flush()
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "quit":
-            break
-        reply = {"times": w.run(int(cmd[1]))} if cmd[0] == "run" else w.memory()
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+    serve(_Worker, spec_json)
 
 
 # --------------------------------------------------------------------------- one configuration
 def bench_config(cfg, threads, warmup, log):
-    procs, result = {}, {k: cfg[k] for k in ("model", "sizes", "update", "optimizer", "rounds", "inner")}
-    result["variants"] = {}
-    try:
-        for v in VARIANTS:   # one at a time: the setup times are those of an idle machine
-            log(f"{cfg['model']}: setting up {v}")
-            spec = dict(model=cfg["model"], sizes=cfg["sizes"], update=cfg["update"], optimizer=cfg["optimizer"],
-                        variant=v, threads=threads, warmup=warmup)
-            pr = WorkerProcess(spec, worker_env("pockc[aoti]" if v == "aoti" else v, threads),
-                               module="benchmarks.bench_export")
-            info = pr.read()
-            if info.pop("ready", False):
-                procs[v] = pr
-                result["variants"][v] = info
-            else:
-                result["variants"][v] = {"error": info.get("error")}
-                log(f"{cfg['model']}: {v} failed: {info.get('error')}")
-                pr.close()
-        keys = list(procs)
-        for r in range(cfg["rounds"]):
-            log(f"{cfg['model']}: round {r + 1}/{cfg['rounds']}")
-            for i in range(len(keys)):
-                k = keys[(r + i) % len(keys)]
-                procs[k].times.append(procs[k].ask(f"run {cfg['inner']}")["times"])
-        for k in keys:
-            fig = result["variants"][k]
-            flat = [t for rnd in procs[k].times for t in rnd]
-            fig["time_ms"] = _summary(flat)
-            fig["round_medians_ms"] = [statistics.median(rnd) * 1e3 for rnd in procs[k].times]
-            fig.update(procs[k].ask("memory"))
-    finally:
-        for pr in procs.values():
-            pr.close()
+    result = {k: cfg[k] for k in ("model", "sizes", "update", "optimizer", "rounds", "inner")}
+    specs = {v: dict(model=cfg["model"], sizes=cfg["sizes"], update=cfg["update"], optimizer=cfg["optimizer"],
+                     variant=v, threads=threads, warmup=warmup) for v in VARIANTS}
+    figs, result["load_1min"] = run_workers(
+        specs, "benchmarks.bench_export", lambda v, _: worker_env("pockc[aoti]" if v == "aoti" else v, threads),
+        cfg["rounds"], cfg["inner"], log=lambda m: log(f"{cfg['model']}: {m}"),
+        concurrent_setup=False)   # one at a time: the setup times are those of an idle machine
+    for f in figs.values():
+        f.pop("_times", None)
+    result["variants"] = figs
     result["ratios"] = ratios(result["variants"])
     return result
 
@@ -277,15 +232,9 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_average():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run(quick=False, models=None, threads=1, warmup=2, out_dir=RESULTS, name=None, progress=True):
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    require_committed(out_dir)
     cfgs = [c for c in configs(quick) if models is None or c["model"] in models]
     if not cfgs:
         raise SystemExit(f"no model matches {models}; choose from: {', '.join(c['model'] for c in configs(quick))}")
@@ -321,7 +270,10 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default=None, help="output file stem (default export_cpu[_quick])")
     a = ap.parse_args(argv)
-    res = run(a.quick, a.models.split(",") if a.models else None, a.threads, a.warmup, a.out, a.name)
+    try:
+        res = run(a.quick, a.models.split(",") if a.models else None, a.threads, a.warmup, a.out, a.name)
+    except BenchError as e:
+        raise SystemExit(f"error: {e}") from None
     print(markdown(res))
 
 

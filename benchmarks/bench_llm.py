@@ -4,7 +4,7 @@
     python -m benchmarks.bench_llm            # full sizes; writes results/llm_cpu.{json,md}
     python -m benchmarks.bench_llm --quick    # tiny sizes, smoke test; llm_cpu_quick.{json,md}
 
-Variants, each on its own deep copy of the model, all fed the same batch:
+Variants, each in its own process on a model built from the same seed, all fed the same batch:
 
 * ``eager_full``        -- every parameter, autograd + torch.optim.AdamW;
 * ``eager_last2``       -- the last 2 blocks, the rest ``requires_grad=False`` (benchmarks'
@@ -15,9 +15,9 @@ Variants, each on its own deep copy of the model, all fed the same batch:
 * ``pockc_lora_last2``  -- ``pockc.finetune(..., lora=LoraConfig(r=16, lora_alpha=32,
   target_modules=q/k/v/o), layers="last:2")``.
 
-Timing and memory as in benchmarks/bench_core.py: warm-up steps, then timed steps round-robin
-over the variants (starting variant rotating) in one process with 1 intra-op thread; medians and
-ratios from this one run; peak = storage allocated during one untimed step
+Timing and memory as in benchmarks/bench_core.py: each variant in its own process with 1
+intra-op thread, warm-up steps, then interleaved rounds of one step per process (starting one
+rotating); medians and ratios from this one run; peak = storage allocated during one untimed step
 (pockc.runtime.memory.measure_peak).
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import statistics
 import sys
 import time
@@ -35,9 +34,9 @@ from tabulate import tabulate
 
 import pockc
 from benchmarks.bench_core import (DEFAULT_THREADS, MiB, RESULTS, EagerStep, PockcStep, git_commit, load_average,
-                                   machine_info, measure_memory, summarize)
+                                   machine_info, measure_memory, run_workers, serve, summarize, worker_env)
 from pockc import zoo
-from pockc.bench import write_results
+from pockc.bench import BenchError, write_results
 from pockc.lora import attach_lora, match_targets
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -67,52 +66,67 @@ def sizes_for(quick):
             else dict(batch=4, seq=256, vocab=8000, d=512, heads=8, layers=8))
 
 
-def bench(quick, steps, warmup, progress=True):
+VARIANTS = ("eager_full", "eager_last2", "eager_lora_last2", "pockc_last2", "pockc_lora_last2")
+OPTIMIZER = pockc.AdamW(lr=1e-4)
+LORA = pockc.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, seed=0)
+
+
+class _Worker:
+    """One variant in its own process, on a model built from the same seed as the others'."""
+
+    def __init__(self, spec):
+        from pockc.bench import time_calls
+        self._time_calls = time_calls
+        sizes, variant = spec["sizes"], spec["variant"]
+        torch.manual_seed(0)
+        ex = zoo.llama(**sizes)
+        self.batch, model, opt = ex.example_batch, ex.model, OPTIMIZER
+        n_params = sum(p.numel() for p in model.parameters())
+        if variant == "eager_full":
+            self.runner, trained = EagerStep(model, ex.loss_fn, opt), n_params
+        elif variant == "eager_last2":
+            last2 = pockc.UpdatePlan({n: "full" for n, _ in model.named_parameters()
+                                      if n.startswith((f"layers.{sizes['layers'] - 2}.", f"layers.{sizes['layers'] - 1}."))},
+                                     {n: tuple(p.shape) for n, p in model.named_parameters()})
+            self.runner, trained = EagerStep(model, ex.loss_fn, opt, last2), last2.counts()[0]
+        elif variant == "eager_lora_last2":
+            self.runner = eager_lora(model, ex.loss_fn, opt, LORA, 2)
+            trained = sum(leaf.numel() for leaf in self.runner.leaves)
+        else:
+            kw = {"lora": LORA} if variant == "pockc_lora_last2" else {}
+            self.runner = FinetuneRunner(model, ex.loss_fn, self.batch, opt, layers="last:2", **kw)
+            trained = self.runner.step.update_plan.counts()[0]
+        self.info = {"trained_params": trained, "params": n_params}
+        if isinstance(self.runner, FinetuneRunner):
+            self.info["compile_s"] = self.runner.compile_seconds
+        for _ in range(spec["warmup"]):
+            self.runner(*self.batch)
+
+    def run(self, n):
+        return self._time_calls(self.runner, self.batch, n)
+
+    def memory(self):
+        return measure_memory(self.runner, self.batch)
+
+
+def worker_main(spec_json):
+    serve(_Worker, spec_json)
+
+
+def bench(quick, steps, warmup, threads, progress=True):
     sizes = sizes_for(quick)
-    ex = zoo.llama(**sizes)
-    opt = pockc.AdamW(lr=1e-4)
-    lora = pockc.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, seed=0)
-    batch = ex.example_batch
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
-    variants, compile_s = {}, {}
-    log("building eager_full / eager_last2 / eager_lora_last2")
-    variants["eager_full"] = EagerStep(copy.deepcopy(ex.model), ex.loss_fn, opt)
-    last2 = pockc.UpdatePlan({n: "full" for n, _ in ex.model.named_parameters()
-                              if n.startswith((f"layers.{sizes['layers'] - 2}.", f"layers.{sizes['layers'] - 1}."))},
-                             {n: tuple(p.shape) for n, p in ex.model.named_parameters()})
-    variants["eager_last2"] = EagerStep(copy.deepcopy(ex.model), ex.loss_fn, opt, last2)
-    variants["eager_lora_last2"] = eager_lora(copy.deepcopy(ex.model), ex.loss_fn, opt, lora, 2)
-    log("compiling pockc_last2")
-    variants["pockc_last2"] = FinetuneRunner(copy.deepcopy(ex.model), ex.loss_fn, batch, opt, layers="last:2")
-    log("compiling pockc_lora_last2")
-    variants["pockc_lora_last2"] = FinetuneRunner(copy.deepcopy(ex.model), ex.loss_fn, batch, opt, lora=lora,
-                                                  layers="last:2")
-    trained = {"eager_full": sum(p.numel() for p in ex.model.parameters()),
-               "eager_last2": last2.counts()[0]}
-    trained["pockc_last2"] = variants["pockc_last2"].step.update_plan.counts()[0]
-    trained["pockc_lora_last2"] = variants["pockc_lora_last2"].step.update_plan.counts()[0]
-    trained["eager_lora_last2"] = trained["pockc_lora_last2"]
-    assert trained["pockc_last2"] == trained["eager_last2"]
-    for k in ("pockc_last2", "pockc_lora_last2"):
-        compile_s[k] = variants[k].compile_seconds
-    keys = list(variants)
-    for k in keys:
-        log(f"warm-up {k}")
-        for _ in range(warmup):
-            variants[k](*batch)
-    times = {k: [] for k in keys}
-    for r in range(steps):
-        log(f"timed round {r + 1}/{steps}")
-        for i in range(len(keys)):
-            k = keys[(r + i) % len(keys)]
-            gc.collect()
-            t0 = time.perf_counter()
-            variants[k](*batch)
-            times[k].append(time.perf_counter() - t0)
-    memory = {}
-    for k in keys:
-        log(f"memory {k}")
-        memory[k] = measure_memory(variants[k], batch)
+    specs = {v: dict(variant=v, sizes=sizes, warmup=warmup, threads=threads) for v in VARIANTS}
+    figs, load = run_workers(specs, "benchmarks.bench_llm", lambda v, _: worker_env(v, threads), steps, log=log)
+    failed = {k: f["error"] for k, f in figs.items() if "error" in f}
+    if failed:
+        raise RuntimeError(f"variants failed: {failed}")
+    times = {k: f.pop("_times") for k, f in figs.items()}
+    for k, f in figs.items():
+        f.pop("round_medians_ms", None)
+        f["time_ms"] = summarize(times[k])
+    if figs["pockc_last2"]["trained_params"] != figs["eager_last2"]["trained_params"]:
+        raise RuntimeError("pockc last:2 and eager last-2 train different sets")
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = lambda a, b: statistics.median([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
     ratios = {
@@ -123,20 +137,17 @@ def bench(quick, steps, warmup, progress=True):
         "eager_last2_over_pockc_last2_paired": paired("eager_last2", "pockc_last2"),
         "eager_full_over_pockc_last2_paired": paired("eager_full", "pockc_last2"),
     }
-    res = {"sizes": sizes, "optimizer": opt.to_dict(), "lora": lora.to_dict(),
-           "params": trained["eager_full"], "variants": {}, "ratios": ratios}
-    for k in keys:
-        res["variants"][k] = {"time_ms": summarize(times[k]), **memory[k], "trained_params": trained[k],
-                              **({"compile_s": compile_s[k]} if k in compile_s else {})}
-    pk = memory["pockc_last2"]["peak_bytes"]
+    res = {"sizes": sizes, "optimizer": OPTIMIZER.to_dict(), "lora": LORA.to_dict(),
+           "params": figs["eager_full"]["params"], "variants": figs, "ratios": ratios, "load_1min": load}
+    pk = figs["pockc_last2"]["peak_bytes"]
     res["claims"] = [
         {"claim": "pockc last-2 >= 1.3x faster than eager last-2", "ratio": ratios["eager_last2_over_pockc_last2"],
          "threshold": 1.3},
         {"claim": "pockc last-2 >= 2.5x faster than eager full", "ratio": ratios["eager_full_over_pockc_last2"],
          "threshold": 2.5},
-        {"claim": "pockc last-2 peak below eager last-2", "ratio": memory["eager_last2"]["peak_bytes"] / pk,
+        {"claim": "pockc last-2 peak below eager last-2", "ratio": figs["eager_last2"]["peak_bytes"] / pk,
          "threshold": 1.0, "strict": True},
-        {"claim": "pockc last-2 peak below eager full", "ratio": memory["eager_full"]["peak_bytes"] / pk,
+        {"claim": "pockc last-2 peak below eager full", "ratio": figs["eager_full"]["peak_bytes"] / pk,
          "threshold": 1.0, "strict": True},
         {"claim": "pockc LoRA last-2 faster than eager LoRA last-2", "ratio": ratios["eager_lora_over_pockc_lora"],
          "threshold": 1.0, "strict": True},
@@ -156,12 +167,12 @@ def markdown(res) -> str:
                      f"{v['peak_bytes'] / MiB:.1f}", f"{v['resident_bytes'] / MiB:.1f}",
                      f"{v['compile_s']:.1f}" if "compile_s" in v else ""])
     lines = [f"# LLM fine-tuning CPU benchmark{' (quick mode)' if res['settings']['quick'] else ''}", "",
-             f"{res['date']}, commit {res['git_commit']} (+ uncommitted issue-5 work); {mi['cpu_model']}, "
+             f"{res['date']}, commit {res['git_commit']}; {mi['cpu_model']}, "
              f"{mi['cpu_cores']} cores, torch {mi['torch']} ({mi['torch_num_threads']} threads), {mi['platform']}; "
              f"load average {mi.get('load_average_start')} at start, {mi.get('load_average_end')} at end.", "",
              f"Llama-style decoder {r['sizes']}, AdamW(lr=1e-4), causal LM loss, same batch every step. "
              f"Median (min-max) of {res['settings']['steps']} timed steps after {res['settings']['warmup']} "
-             "warm-up steps, variants interleaved round-robin in one process. Peak: MiB of tensor storage "
+             "warm-up steps, each variant in its own process, timed in interleaved rounds. Peak: MiB of tensor storage "
              "allocated during one step; resident: parameters, buffers, optimizer state.", "",
              tabulate(rows, headers=["variant", "trained params", "step ms", "peak MiB", "resident MiB", "compile s"],
                       tablefmt="github"), ""]
@@ -175,23 +186,20 @@ def markdown(res) -> str:
 
 
 def run(quick=False, steps=None, warmup=None, out_dir=RESULTS, threads=DEFAULT_THREADS, progress=True):
+    from pockc.bench import require_committed
+    require_committed(out_dir)
     steps = steps if steps is not None else (2 if quick else 7)
     warmup = warmup if warmup is not None else 1
-    default_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        res = {"benchmark": "llm_cpu", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "git_commit": git_commit(), "machine": machine_info(),
-               "settings": {"quick": quick, "steps": steps, "warmup": warmup}}
-        res["machine"]["torch_default_num_threads"] = default_threads
-        res["machine"]["load_average_start"] = load_average()
-        t0 = time.perf_counter()
-        res["result"] = bench(quick, steps, warmup, progress)
-        res["wall_s"] = time.perf_counter() - t0
-        res["machine"]["load_average_end"] = load_average()
-    finally:
-        torch.set_num_threads(default_threads)
+    res = {"benchmark": "llm_cpu", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "machine": machine_info(),
+           "settings": {"quick": quick, "steps": steps, "warmup": warmup, "threads": threads,
+                        "timing": "one process per variant, interleaved rounds of one step per process"}}
+    res["machine"]["torch_num_threads"] = threads or torch.get_num_threads()
+    res["machine"]["load_average_start"] = load_average()
+    t0 = time.perf_counter()
+    res["result"] = bench(quick, steps, warmup, threads, progress)
+    res["wall_s"] = time.perf_counter() - t0
+    res["machine"]["load_average_end"] = load_average()
     name = "llm_cpu_quick" if quick else "llm_cpu"
     write_results(out_dir, name, res, markdown(res))
     return res
@@ -204,8 +212,14 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--out", default=str(RESULTS))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1])
     a = ap.parse_args(argv)
-    res = run(a.quick, a.steps, a.warmup, a.out, a.threads)
+    try:
+        res = run(a.quick, a.steps, a.warmup, a.out, a.threads)
+    except BenchError as e:
+        raise SystemExit(f"error: {e}") from None
     print(markdown(res))
 
 

@@ -284,6 +284,10 @@ class _Worker:
             self.runner(*self.batch)
         _sync(self.device)
         self.setup_s = time.perf_counter() - t0
+        self.info = {"setup_s": self.setup_s, "planned_peak_bytes": self.planned_peak,
+                     "export_s": getattr(self, "export_s", None), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+        if isinstance(self.runner, EagerStep):
+            self.info["torch_optim_foreach"] = self.runner.foreach
 
     def run(self, n):
         return time_calls(self.runner, self.batch, n, self.device)
@@ -303,8 +307,11 @@ class _Worker:
         return {"peak_bytes": peak}
 
 
-def worker_main(spec_json):
-    """The process side: read commands on stdin, answer one JSON line each on stdout."""
+def serve(build, spec_json):
+    """The worker side of :class:`WorkerProcess`'s protocol, for every benchmark: ``build(spec)``
+    makes the variant in this process (an object with ``info``, a dict, and ``run(n)`` returning
+    ``n`` step times; optionally ``memory()`` and ``rss()`` returning dicts); then one JSON line
+    answers each command read on stdin (``run N``, ``memory``, ``rss``, ``quit``)."""
     from pockc.runtime import heap
     spec = json.loads(spec_json)
     if spec.get("malloc", "kept") == "kept":  # the same thresholds in every variant's process
@@ -312,31 +319,33 @@ def worker_main(spec_json):
     import torch
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    out = sys.stdout
-    sys.stdout = sys.stderr  # keep library prints off the protocol channel
+    out, sys.stdout = sys.stdout, sys.stderr  # keep library prints off the protocol channel
     try:
-        w = _Worker(spec)
-        ready = {"ready": True, "setup_s": w.setup_s, "planned_peak_bytes": w.planned_peak,
-                 "export_s": getattr(w, "export_s", None),
-                 "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+        w = build(spec)
+        ready = {"ready": True, "threads": torch.get_num_threads(), **w.info}
         ready["malloc_thresholds"] = heap.thresholds()  # after set-up: a pockc step has raised its own
-        if isinstance(w.runner, EagerStep):
-            ready["torch_optim_foreach"] = w.runner.foreach
-    except Exception as e:  # noqa: BLE001 -- reported to the parent as a skipped variant
-        out.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}) + "\n")
+    except Exception as e:  # noqa: BLE001 -- reported to the parent as a failed variant
+        out.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"[:800]}) + "\n")
         out.flush()
         return
-    out.write(json.dumps(ready) + "\n")
+    out.write(json.dumps(ready, default=str) + "\n")
     out.flush()
     for line in sys.stdin:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
             break
         if cmd[0] == "run":
-            out.write(json.dumps({"times": w.run(int(cmd[1]))}) + "\n")
-        elif cmd[0] == "memory":
-            out.write(json.dumps(w.memory()) + "\n")
+            reply = {"times": w.run(int(cmd[1]))}
+        elif cmd[0] in ("memory", "rss") and hasattr(w, cmd[0]):
+            reply = getattr(w, cmd[0])()
+        else:
+            reply = {"error": f"unknown command {cmd[0]!r}"}
+        out.write(json.dumps(reply, default=str) + "\n")
         out.flush()
+
+
+def worker_main(spec_json):
+    serve(_Worker, spec_json)
 
 
 class WorkerProcess:
@@ -394,6 +403,53 @@ def worker_env(variant, threads):
     return env
 
 
+# --------------------------------------------------------------------------- the parent side
+def run_workers(specs: dict, module, env_for, rounds, inner=1, log=None, concurrent_setup=True, memory=True):
+    """Start one :class:`WorkerProcess` per ``specs`` entry (``python -m module --worker``, with the
+    environment ``env_for(key, spec)``), then time them in ``rounds`` interleaved rounds of
+    ``inner`` steps per process (the starting process rotates each round, nothing else runs
+    meanwhile), then ask each for ``memory``. Set-up runs concurrently unless
+    ``concurrent_setup=False`` (set-up times then are those of an idle machine).
+
+    Returns ``(figures, load)``: per key the worker's ready-info plus ``time_ms`` (median, min,
+    max, samples), ``round_medians_ms``, ``_times`` (seconds, flat) and the memory reply, or
+    ``{"error": ...}``; ``load``: the 1-minute load average sampled before every round."""
+    log = log or (lambda s: None)
+    procs, figs, load = {}, {}, []
+    try:
+        started = {}
+        for k, spec in specs.items():
+            log(f"setting up {k}")
+            started[k] = WorkerProcess(spec, env_for(k, spec), module=module)
+            if not concurrent_setup:
+                figs[k] = started[k].read()
+        for k, pr in started.items():
+            info = figs[k] if k in figs else pr.read()
+            if info.pop("ready", False):
+                procs[k], figs[k] = pr, info
+            else:
+                figs[k] = {"error": info.get("error")}
+                log(f"{k} failed: {info.get('error')}")
+                pr.close()
+        keys, rounds_t = list(procs), {k: [] for k in procs}
+        for r in range(rounds):
+            log(f"round {r + 1}/{rounds}")
+            load.append(load_average(1))
+            for i in range(len(keys)):
+                k = keys[(r + i) % len(keys)]
+                rounds_t[k].append(procs[k].ask(f"run {inner}")["times"])
+        for k in keys:
+            flat = [t for rnd in rounds_t[k] for t in rnd]
+            figs[k].update(time_ms=_summary(flat), _times=flat,
+                           round_medians_ms=[statistics.median(rnd) * 1e3 for rnd in rounds_t[k]])
+            if memory:
+                figs[k].update(procs[k].ask("memory"))
+    finally:
+        for pr in procs.values():
+            pr.close()
+    return figs, load
+
+
 # --------------------------------------------------------------------------- one configuration
 def _summary(times_s):
     ms = [t * 1e3 for t in times_s]
@@ -410,40 +466,14 @@ def bench_config(model_spec, scheme, device, variants, steps, warmup, threads, b
         wanted = [v for v in wanted if v != "eager_same"]
     if options.get("variants"):
         wanted = [v for v in wanted if v in options["variants"]]
-    procs, result = {}, {"label": label, "update": update, "options": options, "variants": {}}
-    try:
-        # Set-up (build, compile, warm up) of all variants runs concurrently; timing does not.
-        if bar is not None:
-            bar.set_description(f"{model_spec['label']} {label}: setting up {len(wanted)} variants")
-        started = {}
-        for v in wanted:
-            spec = dict(model=model_spec["model"], sizes=model_spec["sizes"], optimizer=model_spec["optimizer"],
-                        update=update, options=options, variant=v, device=device, threads=threads, warmup=warmup,
-                        malloc=malloc)
-            started[v] = WorkerProcess(spec, worker_env(v, threads))
-        for v, pr in started.items():
-            info = pr.read()
-            if info.get("ready"):
-                procs[v] = pr
-                result["variants"][v] = info
-            else:
-                result["variants"][v] = {"error": info.get("error")}
-                pr.close()
-        keys = list(procs)
-        for r in range(steps):
-            if bar is not None:
-                bar.set_description(f"{model_spec['label']} {label}: round {r + 1}/{steps}")
-            for i in range(len(keys)):
-                k = keys[(r + i) % len(keys)]
-                procs[k].times += procs[k].ask("run 1")["times"]
-        for k in keys:
-            fig = result["variants"][k]
-            fig["time_ms"] = _summary(procs[k].times)
-            fig["_times"] = procs[k].times
-            fig.update(procs[k].ask("memory"))
-    finally:
-        for pr in procs.values():
-            pr.close()
+    result = {"label": label, "update": update, "options": options}
+    if bar is not None:
+        bar.set_description(f"{model_spec['label']} {label}: {len(wanted)} variants")
+    specs = {v: dict(model=model_spec["model"], sizes=model_spec["sizes"], optimizer=model_spec["optimizer"],
+                     update=update, options=options, variant=v, device=device, threads=threads, warmup=warmup,
+                     malloc=malloc) for v in wanted}
+    result["variants"], result["load_1min"] = run_workers(specs, "pockc.bench", lambda v, _: worker_env(v, threads),
+                                                          steps)
     if "eager_same" not in result["variants"] and update == "full" and not options and \
             "eager_full" in result["variants"]:
         result["variants"]["eager_same"] = dict(result["variants"]["eager_full"], same_as="eager_full")
@@ -491,10 +521,7 @@ def machine_info(device):
             "cpu_cores": os.cpu_count(), "torch": torch.__version__, "device": device}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_average_start"] = list(os.getloadavg())
-    except OSError:
-        pass
+    info["load_average_start"] = load_average()
     return info
 
 
@@ -506,9 +533,91 @@ def run_meta(**extra) -> dict:
                 torch=torch.__version__, commit=git_commit(), python=info["python"], **extra)
 
 
+class BenchError(ValueError):
+    """A benchmark asked to do something it must not (e.g. write results from an uncommitted tree)."""
+
+
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+def load_average(minutes=None):
+    """``os.getloadavg()`` rounded to 2 decimals (1, 5, 15 minutes), or only the ``minutes=1``
+    figure; None where the OS has none."""
+    try:
+        la = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+    return la[0] if minutes == 1 else la
+
+
+def tree_changes() -> list[str]:
+    """Tracked files of this checkout with uncommitted changes, benchmarks/results/ excluded (a
+    benchmark's own output); [] outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(exclude)benchmarks/results"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [ln[3:] for ln in out.stdout.splitlines() if ln.strip()] if out.returncode == 0 else []
+
+
+def require_committed(out_dir):
+    """Results go into the repository's benchmarks/results only from a committed tree, so the
+    commit a result file records is the code that produced it; elsewhere (``--out DIR``) anything
+    goes. Raises BenchError naming the changed files."""
+    out = Path(out_dir).resolve()
+    results = RESULTS_DIR.resolve()
+    if out != results and results not in out.parents:
+        return
+    changed = tree_changes()
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise BenchError(f"{out} holds committed benchmark results, and this tree has uncommitted changes "
+                         f"({shown}): commit first, or write elsewhere with --out DIR")
+
+
+def _loads(payload):
+    """Every 1-minute load figure a payload recorded (machine start/end, per-round samples)."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k in ("load_average_start", "load_average_end") and isinstance(v, list) and v:
+                    found.append(v[0])
+                elif k == "load_1min" and isinstance(v, list):
+                    found.extend(a for a in v if isinstance(a, (int, float)))
+                else:
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(payload)
+    return found
+
+
+def annotate_load(payload, md: str):
+    """Record the highest 1-minute load average the run saw against the cores; a run whose load
+    exceeded the cores (another job competed for them) is flagged in the JSON and the table."""
+    loads, cores = _loads(payload), os.cpu_count() or 1
+    peak = max(loads) if loads else None
+    payload["load"] = {"max_1min": peak, "cores": cores, "exceeded_cores": peak is not None and peak > cores}
+    if payload["load"]["exceeded_cores"]:
+        head, _, rest = md.partition("\n")
+        md = (f"{head}\n\n> **Noisy run:** the 1-minute load average reached {peak:.2f} on {cores} cores (other "
+              f"processes competed for them); treat its ratios with care.\n{rest}")
+    return md
+
+
 def write_results(out_dir, stem, payload, md: str) -> Path:
-    """Write a benchmark's ``stem.json`` (the payload) and ``stem.md`` (its table) to ``out_dir``."""
+    """Write a benchmark's ``stem.json`` (the payload) and ``stem.md`` (its table) to ``out_dir``,
+    atomically, after :func:`require_committed` and with the load recorded (:func:`annotate_load`)."""
     from pockc.runtime.fileio import atomic_write
+    require_committed(out_dir)
+    if payload.get("git_commit") not in (None, git_commit()):
+        raise BenchError(f"the commit changed during the run ({payload['git_commit']} -> {git_commit()}); "
+                         "run it again")
+    md = annotate_load(payload, md)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / f"{stem}.json", json.dumps(payload, indent=1, default=str) + "\n")  # never half a file
@@ -530,10 +639,8 @@ def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
         if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip() + ("+dirty" if dirty else "")
+            return out.stdout.strip() + ("+dirty" if tree_changes() else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
@@ -556,6 +663,7 @@ def run(quick=False, devices=None, models=None, schemes=None, variants=VARIANTS,
         s["schemes"] = [_norm_scheme(sc) for sc in s["schemes"]]
     lora_ok = _has_lora()
     out_dir = Path(out_dir or DEFAULT_OUT)
+    require_committed(out_dir)   # before tens of minutes of work, not after
     results = []
     for device in devices:
         res = {"benchmark": "pockc bench", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -579,10 +687,7 @@ def run(quick=False, devices=None, models=None, schemes=None, variants=VARIANTS,
                 res["models"][s["label"]] = {"model": s["model"], "sizes": s["sizes"], "optimizer": s["optimizer"],
                                              "configs": rows}
         res["wall_s"] = time.perf_counter() - t0
-        try:
-            res["machine"]["load_average_end"] = list(os.getloadavg())
-        except OSError:
-            pass
+        res["machine"]["load_average_end"] = load_average()
         res["claims"] = claims(res)
         stem = name or f"bench_{device}{'_quick' if quick else ''}"
         write_results(out_dir, stem, res, markdown(res))

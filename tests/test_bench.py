@@ -1,5 +1,6 @@
 """pockc bench: a tiny configuration end to end (worker processes, JSON, Markdown, CLI)."""
 import json
+import os
 
 import pytest
 
@@ -45,9 +46,47 @@ def test_bench_cli_rejects_unknown_variant(capsys):
     assert "unknown variant" in capsys.readouterr().err
 
 
-def test_worker_environment():
+def test_worker_environment(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     env = bench.worker_env("pockc[inductor]", 2)
     assert env["OMP_NUM_THREADS"] == "2"
-    assert env.get("OMP_WAIT_POLICY") == "PASSIVE" or "OMP_WAIT_POLICY" in __import__("os").environ
-    assert "OMP_WAIT_POLICY" not in bench.worker_env("eager_same", 2) or "OMP_WAIT_POLICY" in __import__("os").environ
-    assert bench.worker_env("pockc[inductor]", 1).get("OMP_NUM_THREADS") == "1"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"          # compiled variants: OpenMP threads sleep, not spin
+    assert "OMP_WAIT_POLICY" not in bench.worker_env("eager_same", 2)
+    assert "OMP_WAIT_POLICY" not in bench.worker_env("pockc[inductor]", 1)
+    assert bench.worker_env("pockc[inductor]", 1)["OMP_NUM_THREADS"] == "1"
+    assert str(bench.REPO) in env["PYTHONPATH"].split(os.pathsep)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")        # the user's own setting wins
+    assert bench.worker_env("pockc[inductor]", 2)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_results_only_from_a_committed_tree(tmp_path, monkeypatch, capsys):
+    """benchmarks/results records the commit that produced each file: a dirty tree may not write
+    there (elsewhere it may), and the refusal is a BenchError naming the changed files."""
+    monkeypatch.setattr(bench, "tree_changes", lambda: ["passes/prune_backward.py"])
+    with pytest.raises(bench.BenchError, match="prune_backward.py.*commit first"):
+        bench.require_committed(bench.RESULTS_DIR)
+    with pytest.raises(bench.BenchError):
+        bench.require_committed(bench.RESULTS_DIR / "sub")
+    bench.require_committed(tmp_path)                        # --out elsewhere: allowed
+    # the command line refuses before any work, in one line
+    assert cli.main(["bench", "--quick", "--models", "mcu_cnn", "--out", str(bench.RESULTS_DIR)]) == cli.COMPILE_ERROR
+    assert "commit first" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "tree_changes", lambda: [])
+    bench.require_committed(bench.RESULTS_DIR)
+
+
+def test_noisy_run_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    quiet = {"git_commit": None, "machine": {"load_average_start": [0.5, 1, 1], "load_average_end": [1.9, 1, 1]},
+             "configs": [{"load_1min": [1.0, 1.2]}]}
+    bench.write_results(tmp_path, "quiet", quiet, "# title\nbody\n")
+    assert json.loads((tmp_path / "quiet.json").read_text())["load"] == {"max_1min": 1.9, "cores": 2,
+                                                                        "exceeded_cores": False}
+    assert "Noisy" not in (tmp_path / "quiet.md").read_text()
+    noisy = {"machine": {"load_average_start": [0.5, 1, 1], "load_average_end": [1.0, 1, 1]},
+             "configs": [{"load_1min": [1.0, 3.5]}]}
+    bench.write_results(tmp_path, "noisy", noisy, "# title\nbody\n")
+    assert json.loads((tmp_path / "noisy.json").read_text())["load"]["exceeded_cores"] is True
+    md = (tmp_path / "noisy.md").read_text()
+    assert md.startswith("# title\n\n> **Noisy run:** the 1-minute load average reached 3.50 on 2 cores")
+    assert md.rstrip().endswith("body")
