@@ -117,3 +117,185 @@ def test_dead_code_removed():
     from pockc.passes.fx_utils import is_impure
     for n in step.graph.graph.nodes:
         assert n.users or is_impure(n), f"dead node {n.name} = {n.target}"
+
+
+# --------------------------------------------------------------------------- row selections not at row 0
+# Every selection above starts at row 0 or is checked only structurally; these push selections that
+# start elsewhere (a slice [2, 4), an index list [1, 4, 6], rows in the middle third of a fused qkv
+# projection) through Linear, Conv2d (plain, grouped, depthwise) and split/chunk backward, and
+# compare several steps with eager autograd + torch.optim (float64, a new batch every step).
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+OPTIMIZERS = {
+    "sgd": pockc.SGD(lr=0.05, momentum=0.9, weight_decay=0.01),
+    "adamw": pockc.AdamW(lr=0.01, weight_decay=0.05),
+}
+
+
+def _torch_optimizer(opt, leaves):
+    cfg = {k: v for k, v in opt.to_dict().items() if k != "type"}
+    return {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[type(opt).__name__](leaves, foreach=False, **cfg)
+
+
+def _eager_train(model, loss_fn, batches, plan, opt):
+    """Eager autograd + torch.optim over ``plan``'s trainable set: a channel-sparse parameter's
+    selected rows are a separate leaf (the rows of the full gradient), written back after each step."""
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    leaves, sparse = [], []
+    for name in plan.trainable_names():
+        p = params[name].requires_grad_(True)
+        sel = plan.selection(name)
+        if sel is None:
+            leaves.append(p)
+            continue
+        idx = slice(sel[1], sel[2]) if sel[0] == "slice" else torch.tensor(list(sel[1]))
+        leaf = p.detach()[idx].clone().requires_grad_(True)
+        leaves.append(leaf)
+        sparse.append((p, idx, leaf))
+    optim = _torch_optimizer(opt, leaves)
+    losses = []
+    for batch in batches:
+        optim.zero_grad(set_to_none=True)
+        for p, _, _ in sparse:
+            p.grad = None
+        loss = loss_fn(model, *batch)
+        loss.backward()
+        for p, idx, leaf in sparse:
+            leaf.grad = p.grad[idx].clone()
+        optim.step()
+        with torch.no_grad():
+            for p, idx, leaf in sparse:
+                p[idx] = leaf
+        losses.append(loss.detach())
+    return losses
+
+
+def _compare_with_eager(model, loss_fn, batches, update, opt, rtol=1e-9, atol=1e-12):
+    m_c, m_e, original = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    step = pockc.compile(m_c, loss_fn, batches[0], update=update, optimizer=opt)
+    plan = step.update_plan
+    lc = [step(*b) for b in batches]
+    le = _eager_train(m_e, loss_fn, batches, plan, opt)
+    torch.testing.assert_close(torch.stack(lc), torch.stack(le), rtol=rtol, atol=atol)
+    pc, pe, po = dict(m_c.named_parameters()), dict(m_e.named_parameters()), dict(original.named_parameters())
+    for name in pc:
+        torch.testing.assert_close(pc[name], pe[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        if plan.rule(name).kind == "frozen":
+            assert torch.equal(pc[name], po[name]), f"frozen {name} changed"
+        sel = plan.selection(name)
+        if sel is not None:
+            rows = list(range(sel[1], sel[2])) if sel[0] == "slice" else list(sel[1])
+            keep = torch.ones(pc[name].shape[0], dtype=torch.bool)
+            keep[rows] = False
+            assert torch.equal(pc[name][keep], po[name][keep]), f"unselected rows of {name} changed"
+            assert not torch.equal(pc[name][rows], po[name][rows]), f"selected rows of {name} did not train"
+    return step
+
+
+def _ce(m, x, y):
+    return F.cross_entropy(m(x), y)
+
+
+def _batches(shape, classes, steps=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (shape[0],), generator=g))
+            for _ in range(steps)]
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(6, 8)
+        self.lin = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.pre(x)))))
+
+
+class _CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.conv1(x))
+        x = torch.tanh(self.conv2(x))
+        x = torch.tanh(self.grouped(x))
+        x = torch.tanh(self.dw(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class _QKV(nn.Module):
+    """One fused projection split into q, k, v (``split`` or ``chunk``): its rows [d, 2d) are k's."""
+
+    def __init__(self, d=8, chunk=False):
+        super().__init__()
+        self.d, self.chunk = d, chunk
+        self.pre = nn.Linear(d, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # x: [batch, tokens, d]
+        h = torch.tanh(self.pre(x))
+        qkv = self.qkv(h)
+        q, k, v = qkv.chunk(3, dim=-1) if self.chunk else qkv.split(self.d, dim=-1)
+        att = torch.softmax(q @ k.transpose(1, 2) / self.d ** 0.5, dim=-1)
+        return self.head((att @ v).mean(1))
+
+
+def _model(cls, *args):
+    torch.manual_seed(0)
+    return cls(*args).double()
+
+
+SLICE, INDEX = "channels:[2,3]", "channels:[1,4,6]"
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("rows", [SLICE, INDEX])
+def test_linear_rows_not_starting_at_zero_match_eager(rows, opt):
+    step = _compare_with_eager(_model(_MLP), _ce, _batches((5, 6), 3),
+                               {"lin.*": rows, "pre.*": rows, "head.*": "full"}, OPTIMIZERS[opt])
+    want = ("slice", 2, 4) if rows == SLICE else ("index", (1, 4, 6))
+    assert step.update_plan.selection("lin.weight") == want
+    # the selection reached the weight-gradient GEMM: no 8x8 gradient of lin.weight is computed
+    shapes = [tuple(n.meta["val"].shape) for n in _nodes(step, "backward", aten.mm.default)]
+    assert (8, 8) not in shapes, shapes
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("rows", [SLICE, INDEX])
+def test_conv_rows_not_starting_at_zero_match_eager(rows, opt):
+    update = {"conv1.*": rows, "conv2.*": rows, "dw.*": rows, "fc.*": "full",
+              "grouped.*": "channels:[4,5,6,7]" if rows == SLICE else rows}   # [4, 8): the second group
+    step = _compare_with_eager(_model(_CNN), _ce, _batches((2, 3, 6, 6), 3), update, OPTIMIZERS[opt])
+    cbs = [n for n in _nodes(step, "backward", aten.convolution_backward.default) if n.args[10][1]]
+    rows_of = sorted(tuple(n.meta["val"][1].shape)[0] for n in cbs)
+    # an index list on a grouped / depthwise convolution is not pushed: its full gradient is selected
+    assert rows_of == ([2, 2, 2, 4] if rows == SLICE else [3, 3, 8, 8]), rows_of
+    if rows == SLICE:  # the grouped and depthwise convolutions ran on the selected groups only
+        assert sorted(n.args[9] for n in cbs) == [1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("rows", ["channels:[10,11,12]", "channels:[9,12,14]"])
+@pytest.mark.parametrize("chunk", [False, True], ids=["split", "chunk"])
+def test_fused_qkv_rows_in_the_middle_third_match_eager(chunk, rows, opt):
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (2,), generator=g))
+               for _ in range(3)]
+    step = _compare_with_eager(_model(_QKV, 8, chunk), _ce, batches,
+                               {"qkv.*": rows, "pre.*": "full", "head.*": "full"}, OPTIMIZERS[opt])
+    shapes = [tuple(n.meta["val"].shape) for n in _nodes(step, "backward", aten.mm.default)]
+    assert (24, 8) not in shapes and (8, 24) not in shapes, shapes  # no full qkv weight gradient
