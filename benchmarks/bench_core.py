@@ -289,7 +289,7 @@ def markdown(res) -> str:
              f"torch {mi['torch']} ({mi['torch_num_threads']} threads), {mi['platform']}; load average "
              f"{_fmt_load(mi.get('load_average_start'))} at start, {_fmt_load(mi.get('load_average_end'))} at end.", "",
              f"Step times: median (min-max) ms over {res['settings']['steps']} timed steps after "
-             f"{res['settings']['warmup']} warm-up steps, variants interleaved round-robin in one run. "
+             f"{res['settings']['warmup']} warm-up steps, each variant in its own process, timed in interleaved rounds (one run). "
              "Peak: MiB of tensor storage allocated during one step (parameters, buffers and optimizer "
              "state excluded; see `resident_bytes` in the JSON). Ratios > 1 mean pockc is faster / smaller.",
              "", tabulate(rows, headers=headers, tablefmt="github"), ""]

@@ -218,10 +218,12 @@ def find_block_container(model):
         if not isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)):
             continue
         kids = [c for c in mod.children() if any(True for _ in c.parameters())]
-        if len(kids) < 2 or Counter(type(c) for c in kids).most_common(1)[0][1] < 2:
+        if len(kids) < 2:
             continue
-        # A block is composite (has children); a Sequential of plain layers is not a block list.
-        if not any(any(True for _ in c.children()) for c in kids):
+        cls, count = Counter(type(c) for c in kids).most_common(1)[0]
+        # The repeated block is composite (has children): a Sequential of plain layers, even with
+        # one composite child among them, is not a block list.
+        if count < 2 or not all(any(True for _ in c.children()) for c in kids if type(c) is cls):
             continue
         n = sum(p.numel() for p in mod.parameters())
         if n > best_params:
@@ -277,6 +279,11 @@ def _preset(model, names, preset, exec_order):
         return {n: Rule("full") for n in _module_params(model, blocks[-k:])}
     if p == "head":
         _, head = _blocks(model, exec_order)
+        if not head:
+            where = find_block_container(model)
+            where = "the model itself" if where == "" else repr(where)
+            raise PlanError(f"preset {preset!r}: no weighted layer runs after the last block of the block "
+                            f"container ({where}); name the head's layers with a pattern, e.g. {{'fc.*': 'full'}}")
         return {n: Rule("full") for n in _module_params(model, head)}
     raise PlanError(f"unknown update preset {preset!r}; presets are {', '.join(PRESETS)} "
                     "(join with '+'), or pass a dict of glob patterns to rules")

@@ -35,42 +35,66 @@ def _policy(model, key):
     return MIXED[model] if key == "mixed" else POLICIES[key]
 
 
+F64 = dict(rtol=1e-10, atol=1e-12)   # float64: rounding is 1e-16, a wrong update is off by far more
+F32 = dict(rtol=1e-4, atol=1e-5)
+
+
+def _double(ex):
+    ex.model.double()
+    ex.example_batch = tuple(b.double() if b.is_floating_point() else b for b in ex.example_batch)
+    return ex
+
+
+def _in_float64(model, opt):
+    """Cases float32 cannot check tightly; they run in float64 instead of with loose tolerances.
+
+    AdamW divides by sqrt(v) + eps, so an element whose true gradient is ~0 -- a BN bias followed
+    by another train-mode BN, BERT's key bias -- turns float32 rounding noise (1e-9) into an
+    lr-sized step: only a tolerance of about one step would pass, and that also passes a 40% error
+    in a norm weight's update. MobileNetV2's loss is sharp (SGD moves weights by up to 4 per step)
+    and it has such biases under SGD too: an ulp of difference in float32 (the fused cross-entropy
+    backward's exp) ends steps 2 and 3 visibly apart."""
+    return (opt == "adamw" and model in ("mobilenet_v2", "resnet", "bert")) or model == "mobilenet_v2"
+
+
+# MobileNetV2 at its zoo default (batch 2, 32x32) ends in 1x1 maps whose batch norms see 2 values
+# per channel: SGD(lr=0.05) diverges there (weights of 1e21 after 3 steps), which checks nothing.
+# Batch 4 at 64x64 (2x2 final maps; the step runs channels-last) trains sanely.
+MODEL_ARGS = {"mobilenet_v2": dict(batch=4, image=64)}
+# Its BN biases that feed a linear conv and then a train-mode BN have a true gradient of exactly 0;
+# AdamW normalizes float64 noise on them into steps of ~2e-9 (1e-6 of lr), a bound that still
+# catches any wrong update (a 35% error in a norm weight's 1e-3 step is 3.5e-4).
+F64_ZERO_GRADIENTS = dict(rtol=1e-10, atol=1e-8)
+
+
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("model", MODELS)
 def test_matches_eager(model, policy, opt):
-    steps = 3
-    optimizer = OPTIMIZERS[opt]()
-    tol = dict(rtol=1e-4, atol=1e-5)
-    if opt == "adamw" and model in ("mobilenet_v2", "resnet", "bert"):
-        # AdamW divides by sqrt(v) + eps, so an element whose true gradient is ~0 -- a BN bias
-        # followed by another train-mode BN, BERT's key bias, BN statistics over a 1x1 map at
-        # batch 2 -- turns float32 rounding noise (1e-9) into an lr-sized step. A larger eps and
-        # a less degenerate batch keep such elements conditioned; the bound is 5% of one step.
-        # (In float64 the same graphs agree with eager to 1e-9.)
-        optimizer = pockc.AdamW(lr=1e-3, eps=1e-3)
-        tol = dict(rtol=1e-3, atol=0.05 * optimizer.lr)
-        ex = zoo.ZOO[model]()
-        if model == "mobilenet_v2":
-            # Its BN biases feeding ReLU6 -> BN have ~0 true gradient; over several AdamW steps
-            # the noise compounds (SGD runs 3 steps on it above). One step is checked tightly.
-            steps, tol = 1, dict(rtol=1e-4, atol=1e-5)
-    else:
-        ex = zoo.ZOO[model]()
-    if model == "mobilenet_v2" and (policy == "full" or opt == "sgd"):
-        # At batch 2 and 32x32 its loss is extremely sharp (one SGD step moves weights by up to
-        # 27) and some BN biases have ~0 true gradient: in float32 the fused cross-entropy
-        # backward's exp kernel, an ulp away from the one inside _log_softmax_backward_data,
-        # leaves SGD parameters 1e-7 apart after step 1 and the step-2 loss 11% apart, and gives
-        # AdamW different noise to normalize. Checked in float64, where rounding is 1e-16. The
-        # same holds over 3 SGD steps for the other policies: with one intra-op thread (the test
-        # workers' setting) channels:0.25 ends 2e-3 relative apart in float32 on a few elements.
-        ex.model.double()
-        ex.example_batch = tuple(b.double() if b.is_floating_point() else b for b in ex.example_batch)
-    m_c, m_e, original, step, lc, le = compiled_and_eager(ex, _policy(model, policy), optimizer, steps=steps)
+    ex = zoo.ZOO[model](**MODEL_ARGS.get(model, {}))
+    tol = F32
+    if _in_float64(model, opt):
+        ex, tol = _double(ex), F64_ZERO_GRADIENTS if model == "mobilenet_v2" else F64
+    m_c, m_e, original, step, lc, le = compiled_and_eager(ex, _policy(model, policy), OPTIMIZERS[opt](), steps=3)
     for a, b in zip(lc, le):
         torch.testing.assert_close(a, b, **tol)
     assert_match(m_c, m_e, original, step.update_plan, **tol)
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_channel_ratios_round_up_exactly(opt):
+    """channels:R trains the first ceil(R * C) rows: 0.3 of 64 rows is 20 (round would give 19),
+    0.3 of 10 rows is exactly 3 (float's 0.3 * 10 = 3.0000000000000004 must not make it 4), 0.05
+    of 10 rows is at least 1. The oracle's resolver computes the rows exactly on its own."""
+    ex = zoo.mlp()
+    update = {"body.0.*": "channels:0.3", "head.weight": "channels:0.3", "head.bias": "channels:0.05",
+              "body.4.weight": "channels:0.55"}
+    m_c, m_e, original, step, lc, le = compiled_and_eager(ex, update, OPTIMIZERS[opt](), steps=3)
+    rows = {n: step.update_plan.selection(n) for n in ("body.0.weight", "head.weight", "head.bias", "body.4.weight")}
+    assert rows == {"body.0.weight": ("slice", 0, 20), "head.weight": ("slice", 0, 3),
+                    "head.bias": ("slice", 0, 1), "body.4.weight": ("slice", 0, 36)}, rows
+    torch.testing.assert_close(torch.stack(lc), torch.stack(le), rtol=1e-5, atol=1e-6)
+    assert_match(m_c, m_e, original, step.update_plan)
 
 
 @pytest.mark.parametrize("kwargs", [

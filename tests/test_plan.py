@@ -51,6 +51,10 @@ def test_dict_rules_and_list_override():
 def test_channel_ratio_rounds_up():
     assert Rule.parse("channels:0.3").selection((10, 4)) == ("slice", 0, 3)
     assert Rule.parse("channels:0.01").selection((10,)) == ("slice", 0, 1)
+    # ratios where ceil and round disagree: ceil(R*C) rows, never round(R*C)
+    assert Rule.parse("channels:0.25").selection((10, 4)) == ("slice", 0, 3)    # 2.5 -> 3
+    assert Rule.parse("channels:0.12").selection((10,)) == ("slice", 0, 2)      # 1.2 -> 2
+    assert Rule.parse("channels:0.3").selection((64, 3)) == ("slice", 0, 20)    # 19.2 -> 20
     assert Rule.parse("channels:1").kind == "full"
     assert Rule.parse([3, 1]).selection((5,)) == ("index", (1, 3))
     assert Rule.parse("channels:[2,3]").selection((5,)) == ("slice", 2, 4)
@@ -98,3 +102,24 @@ def test_update_plan_object_is_accepted():
     plan = pockc.UpdatePlan({"head.weight": "full"})
     step = pockc.compile(ex.model, ex.loss_fn, ex.example_batch, update=plan)
     assert step.update_plan.trainable_names() == ["head.weight"]
+
+
+def test_block_container_needs_composite_repeated_blocks_and_head_is_never_silently_empty():
+    """A Sequential of plain layers with one composite child is not a block list (its head is the
+    last weighted layer), and a 'head' that would select nothing is an error, not an empty plan."""
+    import torch.nn as nn
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
+    assert find_block_container(m) is None
+    assert pockc.resolve_update("head", m).trainable_names() == ["3.bias", "3.weight"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x)
+    only_blocks = nn.Sequential(Block(), Block(), nn.Linear(4, 2))
+    with pytest.raises(pockc.PlanError, match="no weighted layer runs after the last block.*the model itself"):
+        pockc.resolve_update("head", only_blocks)
