@@ -19,6 +19,22 @@ MobileNetV2, b2 64px: planned peak +80 bytes); weight matrices and kernels keep 
 update right after their own gradient, which frees their gradients early. Both forms apply the
 same elementwise ops to each tensor (runtime/optim.py): the results are bit-identical.
 
+Gradient clipping (``max_grad_norm``): the norm of every trained gradient (trained rows only),
+their global L2 norm and the factor ``min(1, max_norm / (norm + 1e-6))`` are nodes of the group
+``'clip_grad_norm'``, as torch.nn.utils.clip_grad_norm_ computes them (runtime/optim.py); each
+update first multiplies its gradient by the factor. Every update then depends on every gradient,
+so passes.schedule_updates keeps them all after the last one (the memory plan holds the
+gradients until then), and the graph returns ``(loss, norm)``.
+
+Gradient accumulation (``accumulate`` > 1): one more state tensor per trained tensor,
+``grad_accum`` (its trained rows), and two scalars, ``accum_items`` (n_i) and
+``accum_inv_items`` (1/N). The graph itself only accumulates, ``acc.addcmul_(g, n_i)`` right after
+each gradient (``acc`` ends as the gradient of the sum over the cycle's items, since the loss is
+each micro-batch's mean); :func:`apply_program` builds the update program, stored in
+``gm.meta['pockc.apply']``, that the K-th call runs next over the same inputs: ``acc *= 1/N`` in
+place, the clip factor of those, the updates with ``acc`` as the gradient, ``acc.zero_()``.
+Its updates run after the whole backward pass, so they cost no memory next to activations.
+
 Nodes added here carry ``meta['pockc.role'] = 'update'`` and ``meta['pockc.param'] = name`` (for a
 foreach group: ``'foreach[first name..]'``, and ``meta['pockc.params']`` lists every name).
 """
@@ -27,6 +43,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from pockc.runtime.optim import (ACCUM_INV, ACCUM_ITEMS, ACCUM_STATE, clip_coefficient,
+                                  total_grad_norm)
 
 from .fx_utils import PassResult, call, dce, refresh_vals
 
@@ -112,8 +131,101 @@ def foreach_groups(layout, grads, param_vals, optimizer, max_numel=None, min_ten
     return [idx for idx in by_kind.values() if len(idx) >= min_tensors]
 
 
+def _mark(graph, before, role_meta):
+    for n in graph.nodes:
+        if n not in before:
+            n.meta.update(role_meta)
+
+
+def _emit_clip(gm, graph, grads, max_grad_norm, where):
+    """Nodes (before ``where``) computing the global L2 norm of ``grads`` and the clip factor
+    ``min(1, max_norm / (norm + 1e-6))``; returns (norm node, factor node)."""
+    def fn(*gs):
+        total = total_grad_norm(list(gs))
+        return total, clip_coefficient(total, float(max_grad_norm))
+
+    sub = make_fx(fn, tracing_mode="fake")(*[torch.empty(tuple(g.meta["val"].shape), dtype=g.meta["val"].dtype)
+                                             for g in grads])
+    before = set(graph.nodes)
+    with graph.inserting_before(where):
+        total, coef = graph.graph_copy(sub.graph, dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"],
+                                                           grads)))
+    _mark(graph, before, {"pockc.role": "update", "pockc.param": CLIP_GROUP})
+    refresh_vals(gm, [n for n in graph.nodes if n not in before])   # in this graph's fake mode
+    return total, coef
+
+
+CLIP_GROUP = "clip_grad_norm"   # meta['pockc.param'] of the norm and factor nodes
+
+
+def _emit_updates(gm, graph, layout, grads, param_ph, state_ph, scalar_ph, optimizer, where, *,
+                  coef=None, scale_in_place=False, foreach_max_numel=None, foreach_min_tensors=None):
+    """Splice the optimizer's update of every trained tensor in before ``where``. With ``coef``
+    (gradient clipping) each gradient is first multiplied by it, in place when
+    ``scale_in_place`` (an accumulation buffer, ours to overwrite), else into a temporary that
+    inplace_ops may turn into an in-place op where the gradient dies."""
+    state_names = tuple(optimizer.state_names)
+    scalar_names = tuple(optimizer.scalar_names)
+    scale = aten.mul_.Tensor if scale_in_place else aten.mul.Tensor
+
+    def scaled(g):
+        return g if coef is None else call(graph, scale, (g, coef))
+
+    groups_fe = foreach_groups(layout, grads, {n: ph.meta["val"] for n, ph in param_ph.items()}, optimizer,
+                               foreach_max_numel, foreach_min_tensors)
+    grouped = {i for idx in groups_fe for i in idx}
+    for idx in groups_fe:
+        before = set(graph.nodes)
+        names = [layout.grads[i][0] for i in idx]
+        with graph.inserting_before(where):
+            targets = []
+            for i in idx:
+                name, sel = layout.grads[i]
+                p = param_ph[name]
+                targets.append(p if sel is None else call(graph, aten.slice.Tensor, (p, 0, sel[1], sel[2])))
+            gs = [scaled(grads[i]) for i in idx]
+            gvals = [grads[i].meta["val"] for i in idx]
+            sub = _trace_foreach(optimizer, gvals, param_ph[names[0]].meta["val"].dtype, state_names, scalar_names)
+            sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            inputs = (targets + gs
+                      + [state_ph[(nm, s)] for s in state_names for nm in names] + [scalar_ph[s] for s in scalar_names])
+            graph.graph_copy(sub.graph, dict(zip(sub_ph, inputs)))
+        _mark(graph, before, {"pockc.role": "update", "pockc.param": f"foreach[{names[0]}..]",
+                              "pockc.params": list(names)})
+
+    for i, ((name, sel), g) in enumerate(zip(layout.grads, grads)):
+        if i in grouped:
+            continue
+        p = param_ph[name]
+        before = set(graph.nodes)
+        with graph.inserting_before(where):
+            if sel is None:
+                target = p
+            elif sel[0] == "slice":
+                target = call(graph, aten.slice.Tensor, (p, 0, sel[1], sel[2]))
+            else:
+                idx = sel[1] if isinstance(sel[1], fx.Node) else None
+                if idx is None:
+                    const = f"_pockc_rows_{_safe(name)}"
+                    if not hasattr(gm, const):
+                        gm.register_buffer(const, torch.tensor(sel[1], dtype=torch.long))
+                    idx = graph.get_attr(const)
+                target = graph.call_function(aten.index_select.default, (p, 0, idx))
+            gval = g.meta["val"]
+            g = scaled(g)
+            pdtype = p.meta["val"].dtype
+            sub = _update_graph(optimizer, tuple(gval.shape), pdtype, gval.dtype, state_names, scalar_names)
+            sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            val_map = dict(zip(sub_ph, [target, g] + [state_ph[(name, s)] for s in state_names]
+                               + [scalar_ph[s] for s in scalar_names]))
+            graph.graph_copy(sub.graph, val_map)
+            if sel is not None and sel[0] == "index":
+                graph.call_function(aten.index_copy_.default, (p, 0, idx, target))
+        _mark(graph, before, {"pockc.role": "update", "pockc.param": name})
+
+
 def insert_optimizer(gm: fx.GraphModule, layout, optimizer, foreach_max_numel=None,
-                     foreach_min_tensors=None) -> PassResult:
+                     foreach_min_tensors=None, *, accumulate: int = 1, max_grad_norm=None) -> PassResult:
     graph = gm.graph
     groups = layout.placeholders(graph)
     param_ph = dict(zip(layout.params, groups["params"]))
@@ -121,8 +233,9 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer, foreach_max_numel=No
     last_buffer = weights[-1] if weights else None
     out = next(n for n in graph.nodes if n.op == "output")
     loss, *grads = out.args[0]
-    state_names = tuple(optimizer.state_names)
-    scalar_names = tuple(optimizer.scalar_names)
+    accumulating = accumulate > 1
+    state_names = tuple(optimizer.state_names) + ((ACCUM_STATE,) if accumulating else ())
+    scalar_names = tuple(optimizer.scalar_names) + ((ACCUM_ITEMS, ACCUM_INV) if accumulating else ())
 
     # New placeholders: state per trained tensor, then scalars; they go before the batch.
     anchor = last_buffer
@@ -150,63 +263,71 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer, foreach_max_numel=No
     scalar_ph = {s: add_placeholder(f"opt_{s}", scalar_val) for s in scalar_names}
     layout.scalars = list(scalar_names)
 
-    groups_fe = foreach_groups(layout, grads, {n: ph.meta["val"] for n, ph in param_ph.items()}, optimizer,
-                               foreach_max_numel, foreach_min_tensors)
-    grouped = {i for idx in groups_fe for i in idx}
-    for idx in groups_fe:
-        before = set(graph.nodes)
-        names = [layout.grads[i][0] for i in idx]
-        with graph.inserting_before(out):
-            targets = []
-            for i in idx:
-                name, sel = layout.grads[i]
-                p = param_ph[name]
-                targets.append(p if sel is None else call(graph, aten.slice.Tensor, (p, 0, sel[1], sel[2])))
-            gvals = [grads[i].meta["val"] for i in idx]
-            sub = _trace_foreach(optimizer, gvals, param_ph[names[0]].meta["val"].dtype, state_names, scalar_names)
-            sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
-            inputs = (targets + [grads[i] for i in idx]
-                      + [state_ph[(nm, s)] for s in state_names for nm in names] + [scalar_ph[s] for s in scalar_names])
-            graph.graph_copy(sub.graph, dict(zip(sub_ph, inputs)))
-        label = f"foreach[{names[0]}..]"
-        for n in graph.nodes:
-            if n not in before:
-                n.meta.update({"pockc.role": "update", "pockc.param": label, "pockc.params": list(names)})
-
-    for i, ((name, sel), g) in enumerate(zip(layout.grads, grads)):
-        if i in grouped:
-            continue
-        p = param_ph[name]
-        before = set(graph.nodes)
-        with graph.inserting_before(out):
-            if sel is None:
-                target = p
-            elif sel[0] == "slice":
-                target = call(graph, aten.slice.Tensor, (p, 0, sel[1], sel[2]))
-            else:
-                idx = sel[1] if isinstance(sel[1], fx.Node) else None
-                if idx is None:
-                    const = f"_pockc_rows_{_safe(name)}"
-                    gm.register_buffer(const, torch.tensor(sel[1], dtype=torch.long))
-                    idx = graph.get_attr(const)
-                target = graph.call_function(aten.index_select.default, (p, 0, idx))
-            gval = g.meta["val"]
-            pdtype = p.meta["val"].dtype
-            sub = _update_graph(optimizer, tuple(gval.shape), pdtype, gval.dtype, state_names, scalar_names)
-            sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
-            val_map = dict(zip(sub_ph, [target, g] + [state_ph[(name, s)] for s in state_names]
-                               + [scalar_ph[s] for s in scalar_names]))
-            graph.graph_copy(sub.graph, val_map)
-            if sel is not None and sel[0] == "index":
-                graph.call_function(aten.index_copy_.default, (p, 0, idx, target))
-        for n in graph.nodes:
-            if n not in before:
-                n.meta["pockc.role"] = "update"
-                n.meta["pockc.param"] = name
-    out.args = ((loss,),)
+    outputs = (loss,)
+    if accumulating:
+        # This program accumulates (acc += n_i * g, each right after its gradient is final:
+        # passes.schedule_updates); the update is the apply program, run on the K-th call.
+        for (name, _sel), g in zip(layout.grads, grads):
+            before = set(graph.nodes)
+            with graph.inserting_before(out):
+                call(graph, aten.addcmul_.default, (state_ph[(name, ACCUM_STATE)], g, scalar_ph[ACCUM_ITEMS]))
+            _mark(graph, before, {"pockc.role": "update", "pockc.param": name})
+    else:
+        coef = None
+        if max_grad_norm is not None:   # every update waits for the norm of all gradients
+            total, coef = _emit_clip(gm, graph, grads, max_grad_norm, out)
+            outputs += (total,)
+        _emit_updates(gm, graph, layout, grads, param_ph, state_ph, scalar_ph, optimizer, out, coef=coef,
+                      foreach_max_numel=foreach_max_numel, foreach_min_tensors=foreach_min_tensors)
+    out.args = (outputs,)
     dce(gm)
     graph.lint()
     gm.recompile()
     # spliced nodes carry vals of the update traced at a placeholder shape: recompute them
     refresh_vals(gm, [n for n in graph.nodes if n.meta.get("pockc.role") == "update"])
+    if accumulating:
+        gm.meta["pockc.apply"] = apply_program(gm, layout, optimizer, max_grad_norm,
+                                               foreach_max_numel, foreach_min_tensors)
     return PassResult(gm, True)
+
+
+def apply_program(gm: fx.GraphModule, layout, optimizer, max_grad_norm=None, foreach_max_numel=None,
+                  foreach_min_tensors=None) -> fx.GraphModule:
+    """The program the K-th call of an accumulating step runs after ``gm`` (its micro-batch
+    program), over the same inputs: ``g = acc * (1/N)`` in place, the clip factor of the norm
+    of all ``g`` (with ``max_grad_norm``), the optimizer update with ``g``, then ``acc = 0``.
+    Returns ``(total norm,)`` when clipping, else ``()``."""
+    graph = fx.Graph()
+    phs = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            ph = graph.placeholder(n.name)
+            ph.meta.update({k: v for k, v in n.meta.items() if k in ("val", "pockc.role")})
+            phs[n.name] = ph
+    out = graph.output(())
+    new = fx.GraphModule(torch.nn.Module(), graph)
+    groups = layout.placeholders(graph)
+    param_ph = dict(zip(layout.params, groups["params"]))
+    state_ph = dict(zip(map(tuple, layout.state), groups["state"]))
+    scalar_ph = dict(zip(layout.scalars, groups["scalars"]))
+    before = set(graph.nodes)
+    with graph.inserting_before(out):
+        grads = [call(graph, aten.mul_.Tensor, (state_ph[(name, ACCUM_STATE)], scalar_ph[ACCUM_INV]))
+                 for name, _sel in layout.grads]
+    _mark(graph, before, {"pockc.role": "update", "pockc.param": "accumulated"})
+    coef, outputs = None, ()
+    if max_grad_norm is not None:
+        total, coef = _emit_clip(new, graph, grads, max_grad_norm, out)
+        outputs = (total,)
+    _emit_updates(new, graph, layout, grads, param_ph, state_ph, scalar_ph, optimizer, out, coef=coef,
+                  scale_in_place=True, foreach_max_numel=foreach_max_numel, foreach_min_tensors=foreach_min_tensors)
+    before = set(graph.nodes)
+    with graph.inserting_before(out):
+        for name, _sel in layout.grads:
+            call(graph, aten.zero_.default, (state_ph[(name, ACCUM_STATE)],))
+    _mark(graph, before, {"pockc.role": "update", "pockc.param": "accumulated"})
+    out.args = (outputs,)
+    graph.lint()
+    new.recompile()
+    refresh_vals(new, [n for n in graph.nodes if n.meta.get("pockc.role") == "update"])
+    return new

@@ -4,7 +4,8 @@ Every tensor storage the step touches is one entry:
 
 * **persistent** storages exist before the step and after it: the graph's inputs. Trained
   parameters (their trained rows are writable, the other rows read-only), optimizer state,
-  buffers the step writes (batch-norm statistics), the batch and the optimizer scalars are
+  the *accumulated gradient* buffers of a step with ``accumulate=K`` (one per trained tensor,
+  its trained rows), buffers the step writes (batch-norm statistics), the batch and the optimizer scalars are
   *writable*; frozen parameters, buffers nobody writes and constants are *read-only* (flash on a
   microcontroller) and are reported apart from the budget.
 * **transient** storages are allocated by an op of the step and freed after their last use
@@ -43,10 +44,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from pockc.runtime.optim import ACCUM_STATE
+
 from .fx_utils import OUTPUT_MASK_ARG, alias_source, is_view, mutated_args, returns_input
 
 ALIGN = 64
-WRITABLE_KINDS = ("trainable weight", "optimizer state", "buffer", "input",
+WRITABLE_KINDS = ("trainable weight", "optimizer state", "accumulated gradient", "buffer", "input",
                   "saved activation", "gradient", "temporary", "workspace")
 READONLY_KINDS = ("frozen weight", "constant")
 
@@ -143,8 +146,8 @@ def _placeholder_kinds(graph, layout):
         out[ph] = ("frozen weight", 1.0)
     for ph in groups["buffers"]:   # a buffer the step only reads (eval-mode statistics) is read-only
         out[ph] = ("buffer" if ph in written else "frozen weight", 1.0)
-    for ph in groups["state"]:
-        out[ph] = ("optimizer state", 1.0)
+    for ph, (_name, s) in zip(groups["state"], layout.state):   # accumulate=K: its gradient buffers
+        out[ph] = ("accumulated gradient" if s == ACCUM_STATE else "optimizer state", 1.0)
     for ph in groups["scalars"] + groups["batch"]:
         out[ph] = ("input", 1.0)
     return out
@@ -223,8 +226,8 @@ def flat(r):
     return [s for s in (r if isinstance(r, list) else [r]) if s is not None]
 
 
-def plan_memory(gm: fx.GraphModule, layout=None) -> MemoryPlan:
-    """Liveness and arena of ``gm`` in its current node order (see the module docstring)."""
+def _lifetimes(gm: fx.GraphModule, layout=None):
+    """``(nodes, storages)`` of ``gm`` in its current order, each storage with its lifetime and kind."""
     graph = gm.graph
     nodes = list(graph.nodes)
     idx = {n: i for i, n in enumerate(nodes)}
@@ -264,26 +267,55 @@ def plan_memory(gm: fx.GraphModule, layout=None) -> MemoryPlan:
             s.kind = "gradient"
         else:
             s.kind = "temporary"
+    return nodes, storages
 
-    # Peak: sweep the live writable bytes over the schedule.
+
+def _summarize(storages, names) -> MemoryPlan:
+    """Peak, breakdown at the peak and arena of ``storages`` over a program of ``names`` nodes."""
     transient = [s for s in storages if not s.persistent]
     persist_w = sum(s.nbytes for s in storages if s.persistent and s.kind in WRITABLE_KINDS)
     readonly = sum(s.nbytes for s in storages if s.persistent and s.kind in READONLY_KINDS)
-    delta = np.zeros(len(nodes) + 1, dtype=np.int64)
+    delta = np.zeros(len(names) + 1, dtype=np.int64)
     for s in transient:
         delta[s.start] += s.nbytes
         delta[s.end + 1] -= s.nbytes
-    live = np.cumsum(delta)[:len(nodes)] + persist_w
-    peak_i = int(np.argmax(live)) if len(nodes) else 0
-    peak = int(live[peak_i]) if len(nodes) else persist_w
+    live = np.cumsum(delta)[:len(names)] + persist_w
+    peak_i = int(np.argmax(live)) if len(names) else 0
+    peak = int(live[peak_i]) if len(names) else persist_w
     breakdown = {}
     for s in storages:
         alive = s.persistent or s.start <= peak_i <= s.end
         if alive and s.kind in WRITABLE_KINDS:
             breakdown[s.kind] = breakdown.get(s.kind, 0) + s.nbytes
     arena = _arena(storages)
-    return MemoryPlan(storages, peak, nodes[peak_i].name if nodes else "", breakdown, readonly,
+    return MemoryPlan(storages, peak, names[peak_i] if names else "", breakdown, readonly,
                       persist_w, arena, [int(x) for x in live])
+
+
+def plan_memory(gm: fx.GraphModule, layout=None) -> MemoryPlan:
+    """Liveness and arena of ``gm`` in its current node order (see the module docstring)."""
+    nodes, storages = _lifetimes(gm, layout)
+    return _summarize(storages, [n.name for n in nodes])
+
+
+def plan_memory_then(gm: fx.GraphModule, then: fx.GraphModule, layout=None) -> MemoryPlan:
+    """The memory of a call that runs ``gm`` and then ``then`` over the same inputs (the K-th
+    call of an accumulating step: its micro-batch program, then the update): one timeline, the
+    second program's nodes after the first's. Persistent storage is the first program's (the
+    inputs are the same tensors); what the first returns (the loss) stays alive while the second
+    runs; the second's transient storages are named ``"<node> (update)"``. The plan is the
+    worst call's: a call that runs ``gm`` alone peaks no higher."""
+    nodes, storages = _lifetimes(gm, layout)
+    nodes2, second = _lifetimes(then, layout)
+    n, total = len(nodes), len(nodes) + len(nodes2)
+    for s in storages:
+        if not s.persistent and s.kind != "workspace" and s.end == n - 1:
+            s.end = total - 1          # returned by the first program: held by the caller
+    for s in second:
+        if not s.persistent:
+            s.start, s.end, s.name = s.start + n, s.end + n, f"{s.name} (update)"
+            storages.append(s)
+    return _summarize(storages, [x.name for x in nodes] + [f"{x.name} (update)" for x in nodes2])
 
 
 _SMALL_WORKSPACE = 1024

@@ -6,6 +6,12 @@ the forward pass or in the backward pass (e.g. ``grad_input = grad_out @ W``) --
 the update writes that storage in place. Placing each group right after the last of those nodes
 frees its gradient (and temporaries) early instead of holding every gradient until the end.
 
+A group that depends on another group's nodes runs at the end, in order: with gradient clipping
+every update reads the clip factor (group ``clip_grad_norm``, which itself runs right after the
+last gradient), so all updates follow the whole backward pass and the gradients stay alive until
+the norm is known. With gradient accumulation the groups are ``acc += n_i * g``, placed right after
+each gradient like updates.
+
 Invariant: every node that read a parameter before scheduling still reads the old value.
 """
 from __future__ import annotations

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping
 
@@ -18,7 +19,7 @@ from pockc.passes.fold_batchnorm import fold_batchnorm
 from pockc.passes.fx_utils import PassResult
 from pockc.passes.inplace_ops import inplace_ops
 from pockc.passes.insert_optimizer import insert_optimizer
-from pockc.passes.plan_memory import plan_memory
+from pockc.passes.plan_memory import plan_memory, plan_memory_then
 from pockc.passes.pointwise_conv import pointwise_conv
 from pockc.passes.fuse_ce_backward import fuse_ce_backward
 from pockc.passes.prune_backward import prune_backward
@@ -68,8 +69,11 @@ def run_passes(gm, stages):
     return gm
 
 
-def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule: bool = True):
-    """The pipeline: trace the joint graph, prune it, add the optimizer, schedule."""
+def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule: bool = True,
+                accumulate: int = 1, max_grad_norm=None):
+    """The pipeline: trace the joint graph, prune it, add the optimizer, schedule. With
+    ``accumulate`` > 1 the graph accumulates gradients and ``gm.meta["pockc.apply"]`` is the
+    program that applies them (passes/insert_optimizer.py)."""
     gm, layout = trace_joint(model, loss_fn, batch, plan)                 # forward + needed backward
     gm = run_passes(gm, [
         ("prune_backward", lambda g: prune_backward(g, layout)),         # channel slices, masks, DCE
@@ -78,7 +82,8 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
         ("channels_last", lambda g: channels_last(g, layout)),          # NHWC activations on CPU
         ("pointwise_conv", lambda g: pointwise_conv(g, layout)),        # NHWC 1x1 convs as one GEMM
         ("activation_output", lambda g: activation_output(g, layout)),  # ReLU6 backward from its output
-        ("insert_optimizer", lambda g: insert_optimizer(g, layout, optimizer)),  # in-place updates
+        ("insert_optimizer", lambda g: insert_optimizer(g, layout, optimizer, accumulate=accumulate,
+                                                        max_grad_norm=max_grad_norm)),  # in-place updates
         ("plan_memory(before)", lambda g: _record_peak_before(g, layout)),  # for the report
         ("schedule_updates", schedule_updates),                           # update right after grad
     ] + ([("schedule_memory", lambda g: schedule_memory(g, layout)),   # reorder for a lower peak
@@ -98,14 +103,37 @@ def _probe_key(model, loss_fn, batch, optimizer):
 
 
 def _record_peak_before(gm, layout):
-    gm.meta["pockc.peak_before"] = plan_memory(gm, layout).peak_bytes
+    gm.meta["pockc.peak_before"] = plan_step_memory(gm, layout).peak_bytes
     return PassResult(gm, False)
+
+
+def plan_step_memory(gm, layout):
+    """The step's memory plan: ``gm``'s, or with gradient accumulation that of its K-th call (the
+    micro-batch program, then the update program), the call of the highest peak."""
+    apply = gm.meta.get("pockc.apply")
+    return plan_memory(gm, layout) if apply is None else plan_memory_then(gm, apply, layout)
+
+
+def check_training_options(accumulate, max_grad_norm, num_items):
+    """CompileError for a bad ``accumulate`` / ``max_grad_norm`` / ``num_items``."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise CompileError(f"accumulate must be a whole number of micro-batches >= 1, got {accumulate!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                      or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
+        raise CompileError(f"max_grad_norm must be a positive finite number (HF Trainer's default is 1.0) or None, "
+                           f"got {max_grad_norm!r}")
+    if num_items is not None and not callable(num_items):
+        raise CompileError(f"num_items must be a callable num_items(*batch) -> int, got {type(num_items).__name__}")
+    if num_items is not None and accumulate == 1:
+        raise CompileError("num_items= weights the micro-batches of gradient accumulation: pass accumulate=K "
+                           "(K >= 2) with it, or drop it")
 
 
 def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimizer: Optimizer | None = None,
             *, budget=None, verbose: bool = False, backend: str | None = None, scores=None,
             max_layers: int = 12, remat: str = "auto", device_profile=None,
-            objective: str | None = None) -> TrainStep:
+            objective: str | None = None, accumulate: int = 1, max_grad_norm: float | None = None,
+            num_items=None) -> TrainStep:
     """Compile one training step of ``model``.
 
     ``update`` is a preset (``"full"``, ``"bias"``, ``"last:K"``, ``"head"``; join with ``+``), a
@@ -135,6 +163,24 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     device's built-in rates. ``objective``: ``"time"`` or ``"energy"`` (needs a profile with
     energy figures); default: the profile's, else time.
 
+    ``accumulate=K`` (gradient accumulation): each call runs one micro-batch and adds its gradient
+    of the trained tensors (trained rows only) into buffers the memory plan counts (kind
+    ``accumulated gradient``); the K-th call applies the optimizer update with their sum, then
+    clears them. The loss is normalized over the items of all K micro-batches, not averaged per
+    micro-batch: ``loss_fn`` returns the mean over a micro-batch's n_i items, its gradient is
+    weighted by n_i and the sum divided by N = sum n_i. n_i is ``num_items(*batch)`` when given,
+    else the number of labels != -100 of a ``labels`` leaf of the batch (``labels[..., 1:]`` for
+    labels of 2 or more dims: shifted, as Hugging Face's causal LM loss shifts them), else the
+    batch size (the first dimension of the first tensor). Each call returns its micro-batch's
+    loss; ``step.optimizer.lr`` is read when the update runs (a change takes effect at the next
+    K-th call); ``step.step_count`` counts calls, ``step.update_count`` optimizer updates,
+    ``step.micro_step`` the calls since the last update.
+    ``max_grad_norm``: clip the global L2 norm of the trained gradients (trained rows only; with
+    accumulation, of the accumulated gradient) to it before the update, as
+    ``torch.nn.utils.clip_grad_norm_``; the updates then wait until every gradient is final, and
+    the memory plan holds the gradients until then. ``step.last_grad_norm`` is the norm before
+    clipping of the latest update.
+
     ``backend``: ``"aten"`` runs the emitted FX program op by op (the default on every device,
     see runtime/backends.py); ``"inductor"`` lowers it through torch._inductor on the first call
     (tens of seconds of compile time, fused kernels after). On CPU with several threads, set
@@ -152,6 +198,10 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     ['2.bias', '2.weight']
     """
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
+    check_training_options(accumulate, max_grad_norm, num_items)
+    if num_items is not None:
+        check_num_items(num_items, batch)
+    opts = {"accumulate": accumulate, "max_grad_norm": max_grad_norm}
     if scores is not None:
         from pockc.scoring import check_scores_match
         check_scores_match(scores, model)          # scores measured on another model are an error
@@ -174,11 +224,11 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     selection, built = None, {}
     if update is None and budget_bytes is not None:
         def plan_peak(p, final=True):
-            key = (_probe_key(model, loss_fn, batch, optimizer), p.to_json())
+            key = (_probe_key(model, loss_fn, batch, optimizer), p.to_json(), tuple(opts.items()))
             if not final and key in _PROBE_CACHE:
                 return _PROBE_CACHE[key]
-            g, lay = build_graph(model, loss_fn, batch, p, optimizer, schedule=final)
-            mem = plan_memory(g, lay)
+            g, lay = build_graph(model, loss_fn, batch, p, optimizer, schedule=final, **opts)
+            mem = plan_step_memory(g, lay)
             peak = mem.required_bytes   # peak, or the arena if larger
             if final:
                 built[p.to_json()] = (g, lay, mem)
@@ -193,15 +243,15 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
         selection = select_under_budget(model, budget_bytes, order, plan_peak, scores=scores, required=required,
                                         max_layers=max_layers, batch_size=batch_size_of(batch),
                                         progress=True if verbose else None,
-                                        state_tensors=len(optimizer.state_names))
+                                        state_tensors=len(optimizer.state_names) + (accumulate > 1))
         plan = selection.plan
     else:
         plan = resolve_update("full" if update is None else update, model, order)
     if plan.to_json() in built:                      # the selected plan, compiled and planned already
         gm, layout, mem = built[plan.to_json()]
     else:
-        gm, layout = build_graph(model, loss_fn, batch, plan, optimizer)
-        mem = plan_memory(gm, layout)
+        gm, layout = build_graph(model, loss_fn, batch, plan, optimizer, **opts)
+        mem = plan_step_memory(gm, layout)
     remat_report = None
     step_backend = _backends.check_backend(backend) or _backends.default_backend(_backends.device_of(batch))
     if step_backend != "aten" and any(n.target in _backends.GRAD_MODE_OPS for n in gm.graph.nodes):
@@ -222,7 +272,8 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
                               f"none), use a smaller batch or a larger budget")
             err.smallest_bytes = remat_report.required_after
             raise err
-        mem = gm.meta.pop("pockc.remat_plan", None) or plan_memory(gm, layout)
+        remat_plan = gm.meta.pop("pockc.remat_plan", None)
+        mem = remat_plan if remat_plan is not None and accumulate == 1 else plan_step_memory(gm, layout)
     if budget_bytes is not None and mem.required_bytes > budget_bytes:
         raise BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)} (planned peak "
                           f"{mem.peak_bytes:,} B, arena {mem.arena_bytes:,} B), over the "
@@ -234,7 +285,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
                       stacklevel=2)
 
     def recompile(new_batch, opt):
-        g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, opt)
+        g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, opt, **opts)
         if lay.to_dict() != layout.to_dict():
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "inputs (a submodule with other parameters?); compile again")
@@ -244,7 +295,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
                               page=remat_report.paged).graph_module
         return g
 
-    step = TrainStep(model, gm, layout, optimizer, plan, batch, recompile)
+    step = TrainStep(model, gm, layout, optimizer, plan, batch, recompile, num_items=num_items, **opts)
     step.backend = step_backend
     step.memory = StepMemory(step, mem, gm.meta.get("pockc.peak_before"), gm.meta.get("pockc.schedule"))
     step.budget = budget_bytes
@@ -257,6 +308,19 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             print(remat_report.table())
         print(f"compiled in {step.compile_seconds:.2f}s, {len(gm.graph.nodes)} graph nodes")
     return step
+
+
+def check_num_items(num_items, batch):
+    """Call the user's ``num_items`` on the example batch: an error there is a CompileError now,
+    not a traceback at the first step."""
+    from pockc.runtime.train_step import count_items
+    from pockc.runtime.errors import StepError
+    try:
+        count_items(batch, num_items)
+    except StepError as e:
+        raise CompileError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 -- the user's function
+        raise CompileError(f"num_items(*example_batch) raised {type(e).__name__}: {e}") from None
 
 
 def graph_stats(gm: fx.GraphModule) -> dict:

@@ -10,6 +10,7 @@ The pipeline is pockc.compile's, with two steps in front:
 2. **Adapters.** ``lora=LoraConfig(...)`` registers ``lora_A`` / ``lora_B`` on the targeted
    ``nn.Linear`` layers (pockc/lora.py). They are ordinary parameters to the tracer: trainable
    graph inputs, while the base weights are frozen inputs whose gradient is never computed.
+   ``adapter=dir`` does the same from a saved adapter (PEFT's or pockc's), loading its values.
 
 Capture is ``make_fx`` (pockc/trace.py); if that cannot trace the model, torch.export
 (pockc/capture.py), then the same joint graph.
@@ -22,15 +23,14 @@ import warnings
 
 import torch
 
-from pockc.api import _check_inputs, build_graph
+from pockc.api import _check_inputs, build_graph, check_num_items, check_training_options, plan_step_memory
 from pockc.capture import export_loss
 from pockc.errors import CompileError, PlanError
-from pockc.lora import (LoraConfig, adapter_param_names, attach_lora, match_targets, merge_lora,
-                        remove_lora)
+from pockc.lora import (Adapter, LoraConfig, adapter_param_names, apply_adapter, attach_lora, match_targets,
+                        merge_lora, read_adapter, remove_lora, split_key)
 from pockc.lora import load_adapter as _load_adapter
 from pockc.lora import save_adapter as _save_adapter
 from pockc.memory import StepMemory
-from pockc.passes.plan_memory import plan_memory
 from pockc.plan import Rule, UpdatePlan, _blocks, canonical_names, match_pattern, resolve_update, tied_parameters
 from pockc.runtime.train_step import TrainStep, selected_rows
 from pockc.trace import analyze_forward
@@ -146,8 +146,10 @@ class FinetuneStep(TrainStep):
 
     def save_adapter(self, directory) -> str:
         """Save only the trained state (adapters and partially trained tensors: the trained rows)
-        and the adapter layout to ``directory``; returns the weights file's path. Load it into a
-        fresh base model with ``pockc.load_adapter(model, directory)``."""
+        to ``directory`` in PEFT's format (``PeftModel.from_pretrained(base, directory)`` loads
+        it), with pockc's side files for what PEFT cannot hold; returns the weights file's path.
+        Load it into a fresh base model with ``pockc.load_adapter(model, directory)``, or keep
+        training it with ``pockc.finetune(..., adapter=directory)``."""
         params = dict(self.model.named_parameters())
         trained = {}
         for name, sel in self.layout.grads:
@@ -158,7 +160,8 @@ class FinetuneStep(TrainStep):
             else:
                 key = f"{name}@rows:{','.join(str(int(i)) for i in sel[1])}"
             trained[key] = selected_rows(params[name].detach(), sel)
-        extra = {"layers": self.layers if not isinstance(self.layers, tuple) else list(self.layers),
+        layers = "all" if self.layers is None else self.layers
+        extra = {"layers": list(layers) if isinstance(layers, tuple) else layers,
                  "trained": [n for n, _ in self.layout.grads], "capture": self.capture}
         return _save_adapter(self.model, directory, trained, self.lora_config, extra)
 
@@ -179,16 +182,27 @@ class FinetuneStep(TrainStep):
         return super().__repr__().replace("TrainStep(", "FinetuneStep(", 1)[:-1] + f"{lora})"
 
 
-def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | None = None, layers="all",
-             update=None, optimizer=None, *, capture: str = "auto", verbose: bool = False) -> FinetuneStep:
+def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | None = None, layers=None,
+             update=None, optimizer=None, *, adapter=None, capture: str = "auto",
+             verbose: bool = False, accumulate: int = 1, max_grad_norm: float | None = None,
+             num_items=None) -> FinetuneStep:
     """Compile a fine-tuning step: LoRA adapters and/or partial updates, limited to ``layers``.
 
     ``lora``: a :class:`LoraConfig` (PEFT's names); adapters go on the matching ``nn.Linear``
-    layers inside ``layers``. ``layers``: ``"last:K"``, a list of block indices, or ``"all"``.
+    layers inside ``layers``. ``layers``: ``"last:K"``, a list of block indices, or ``"all"`` (``None``, the default).
     ``update``: extra trained parameters in pockc.compile's policy language (e.g.
     ``{"*norm*": "full"}``), limited to ``layers`` and the modules after them; without ``lora``
     it defaults to every parameter of the selected blocks. ``capture``: ``"auto"`` (make_fx, then
     torch.export if make_fx cannot trace the model), ``"make_fx"`` or ``"export"``.
+
+    ``adapter``: a directory written by ``step.save_adapter`` or by ``peft``'s ``save_pretrained``
+    (LoRA): training continues from it, with its config (r, alpha, dropout, target modules, the
+    layers it was trained on, its partially trained tensors) in place of ``lora=``; a ``lora=`` or
+    ``layers=`` that contradicts it is an error. The optimizer state starts fresh (adapters carry
+    none), as it does after ``PeftModel.from_pretrained(base, dir, is_trainable=True)``.
+
+    ``accumulate``, ``max_grad_norm``, ``num_items``: gradient accumulation over K calls (the loss
+    normalized over the items of all K micro-batches) and clipping, as in :func:`pockc.compile`.
 
     >>> import pockc
     >>> from pockc import zoo
@@ -203,28 +217,117 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     ['layers.2.q_proj.lora_A', 'layers.2.q_proj.lora_B']
     """
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
+    check_training_options(accumulate, max_grad_norm, num_items)
+    if num_items is not None:
+        check_num_items(num_items, batch)
     if capture not in CAPTURES:
         raise CompileError(f"capture={capture!r}: use one of {', '.join(CAPTURES)}")
     if lora is not None and not isinstance(lora, LoraConfig):
         raise CompileError(f"lora must be a pockc.LoraConfig(...), got {type(lora).__name__}")
     t0 = time.perf_counter()
+    saved = read_adapter(adapter) if adapter is not None else None
+    if saved is not None:
+        layers = _adapter_layers(model, saved, layers, adapter)
     blocks, selected = _select_blocks(model, layers)
     if not blocks and layers not in (None, "all"):
         raise PlanError("layers=: the model has no repeated blocks (an nn.ModuleList of layers); use layers='all'")
     names_order = [n for n, _ in model.named_modules()]
     pre_scope = _scope(model, blocks, selected, names_order)
-    targets = match_targets(model, lora.target_modules, pre_scope) if lora is not None else []
-    adapters = attach_lora(model, lora, targets) if lora is not None else []
+    saved_rules, backup = None, {}
+    if saved is not None:
+        lora, saved_rules = _adapter_plan(model, saved, lora, pre_scope, adapter)
+        params = dict(model.named_parameters())
+        backup = {n: params[n].detach().clone() for n in saved_rules if n in params}   # restored on failure
+        new = apply_adapter(model, saved)
+        adapters = [n for n in adapter_param_names(model) if n.rpartition(".")[0] in saved.modules]
+    else:
+        targets = match_targets(model, lora.target_modules, pre_scope) if lora is not None else []
+        adapters = attach_lora(model, lora, targets) if lora is not None else []
     try:
         step = _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected,
-                      adapters, t0)
+                      adapters, t0, saved_rules, opts={"accumulate": accumulate, "max_grad_norm": max_grad_norm},
+                      num_items=num_items)
     except BaseException:
-        remove_lora(model) if adapters else None  # leave the user's model as it was
+        if saved is not None:  # leave the user's model as it was
+            remove_lora(model, {n.rpartition(".")[0] for n in new})
+        elif adapters:
+            remove_lora(model)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n, v in backup.items():
+                params[n].copy_(v)
         raise
     if verbose:
         print(step.update_plan.table())
         print(f"compiled in {step.compile_seconds:.2f}s ({step.capture}), {len(step.graph.graph.nodes)} graph nodes")
     return step
+
+
+def _adapter_layers(model, saved: Adapter, layers, where):
+    """finetune's layers= for a saved adapter: the one it was trained with; a ``layers=`` that
+    selects other blocks is an error."""
+    own = saved.layers
+    if own is None and saved.peft_layers is not None and not saved.tensors.keys() - _lora_keys(saved):
+        # PEFT's layers_to_transform numbers the block container's children; pockc's layers= its blocks
+        blocks, _ = _blocks(model, [n for n, _ in model.named_modules()])
+        pos = {b.rsplit(".", 1)[-1]: i for i, b in enumerate(blocks)}
+        if all(str(i) in pos for i in saved.peft_layers):
+            own = [pos[str(i)] for i in saved.peft_layers]
+    if own is None:
+        return layers
+    if layers is not None and _select_blocks(model, layers)[1] != _select_blocks(model, own)[1]:
+        raise PlanError(f"finetune: layers={layers!r} conflicts with the adapter in {str(where)!r}, trained with "
+                        f"layers={own!r}; drop layers= (the adapter's is used)")
+    return own if layers is None else layers
+
+
+def _lora_keys(saved: Adapter) -> set:
+    return {f"{m}.{p}" for m in saved.modules for p in ("lora_A", "lora_B")}
+
+
+def _adapter_plan(model, saved: Adapter, lora, scope, where):
+    """(the LoraConfig the step reports, {parameter: Rule} for the adapter's non-LoRA tensors).
+    A ``lora=`` passed as well must agree with the adapter on every hyperparameter and select the
+    same modules."""
+    where = str(where)
+    if lora is not None:
+        if saved.lora is None:
+            raise PlanError(f"finetune: lora= was given, but the adapter in {where!r} has no LoRA layers; drop one")
+        for field, mine, theirs in (("r", lora.r, [r for r, _, _ in saved.modules.values()]),
+                                    ("lora_alpha / r", lora.scaling, [s for _, s, _ in saved.modules.values()]),
+                                    ("lora_dropout", lora.lora_dropout, [d for _, _, d in saved.modules.values()])):
+            if set(theirs) != {mine}:
+                shown = theirs[0] if len(set(theirs)) == 1 else sorted(set(theirs))
+                raise PlanError(f"finetune: lora= has {field} = {mine!r}, the adapter in {where!r} has {shown!r}; "
+                                "pass lora= or adapter=, not both")
+        picked = match_targets(model, lora.target_modules, scope)
+        if sorted(picked) != sorted(saved.modules):
+            diff = sorted(set(picked) ^ set(saved.modules))
+            raise PlanError(f"finetune: lora= target_modules={lora.target_modules!r} selects other modules than the "
+                            f"adapter in {where!r} (e.g. {diff[0]}); pass lora= or adapter=, not both")
+    lora_keys = _lora_keys(saved)
+    names = list(saved.modules) + [split_key(k)[0] for k in saved.tensors if k not in lora_keys]
+    canonical = canonical_names(model)       # a tied tensor is in scope when any of its names is
+    aliases = {}
+    for n, c in canonical.items():
+        aliases.setdefault(c, []).append(n)
+    outside = [n for n in names
+               if scope is not None and not any(scope(a) for a in aliases.get(canonical.get(n, n), [n]))]
+    if outside:
+        raise PlanError(f"finetune: the adapter in {where!r} trains {outside[0]}, outside the fine-tuned layers; "
+                        "widen layers= or drop it")
+    rows = {}
+    for key in saved.tensors:
+        if key in lora_keys:
+            continue
+        name, sel = split_key(key)
+        if sel is None:
+            rows[name] = None
+        elif rows.get(name, ()) is not None:
+            picked = range(sel[1], sel[2]) if sel[0] == "slice" else sel[1]
+            rows[name] = sorted(set(rows.get(name, ())) | set(picked))
+    rules = {n: Rule("full") if r is None else Rule.parse(r) for n, r in rows.items()}
+    return (saved.lora if saved.lora is not None else lora), rules
 
 
 def _capture(model, loss_fn, batch, capture):
@@ -239,13 +342,20 @@ def _capture(model, loss_fn, batch, capture):
     return replay, order, "export"
 
 
-def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected, adapters, t0):
+def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected, adapters, t0,
+           saved_rules=None, opts=None, num_items=None):
+    opts = opts or {}      # accumulate=, max_grad_norm= (pockc.compile's)
     traced_fn, order, used = _capture(model, loss_fn, batch, capture)
     scope = _scope(model, blocks, selected, order)
     if update is None:
-        update = [] if lora is not None else [{f"{b}.*": "full" for b in selected}]
+        update = [] if lora is not None or saved_rules is not None else [{f"{b}.*": "full" for b in selected}]
     rules = {n: Rule("full") for n in adapters}
-    rules.update(_rules_for(update, model, order, scope, set(adapters)) if update != [] else {})
+    rules.update(saved_rules or {})
+    for n, rule in (_rules_for(update, model, order, scope, set(adapters)) if update != [] else {}).items():
+        if n in (saved_rules or {}) and str(rule) != str(saved_rules[n]):
+            raise PlanError(f"finetune: update= trains {n} as {rule}, the adapter in adapter= as {saved_rules[n]}; "
+                            "drop it from update=")
+        rules[n] = rule
     params = dict(model.named_parameters())
     plan = UpdatePlan({n: rules.get(n, Rule("frozen")) for n in params}, {n: tuple(p.shape) for n, p in params.items()},
                       tied_parameters(canonical_names(model)))
@@ -255,12 +365,12 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
         if not params[n].is_floating_point():
             raise PlanError(f"parameter {n!r} has dtype {params[n].dtype} and cannot be trained")
     try:
-        gm, layout = build_graph(model, traced_fn, batch, plan, optimizer)
+        gm, layout = build_graph(model, traced_fn, batch, plan, optimizer, **opts)
     except CompileError:
         if capture != "auto" or used != "make_fx":
             raise
         traced_fn, order, used = *export_loss(model, loss_fn, batch), "export"
-        gm, layout = build_graph(model, traced_fn, batch, plan, optimizer)
+        gm, layout = build_graph(model, traced_fn, batch, plan, optimizer, **opts)
     if layout.unused:
         warnings.warn(f"pockc: trained parameters with no path to the loss get no update: {layout.unused}",
                       stacklevel=3)
@@ -269,15 +379,15 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     def recompile(new_batch, opt):
         new_batch = tuple(new_batch)
         fn = export_loss(model, loss_fn, new_batch)[0] if how == "export" else loss_fn
-        g, lay = build_graph(model, fn, new_batch, plan, opt)
+        g, lay = build_graph(model, fn, new_batch, plan, opt, **opts)
         if lay.to_dict() != layout.to_dict():
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "inputs; call finetune again")
         return g
 
-    step = FinetuneStep(model, gm, layout, optimizer, plan, batch, recompile)
+    step = FinetuneStep(model, gm, layout, optimizer, plan, batch, recompile, num_items=num_items, **opts)
     # The planned memory of the step, as pockc.compile reports it (step.memory.peak_bytes, ...).
-    step.memory = StepMemory(step, plan_memory(gm, layout), gm.meta.get("pockc.peak_before"),
+    step.memory = StepMemory(step, plan_step_memory(gm, layout), gm.meta.get("pockc.peak_before"),
                              gm.meta.get("pockc.schedule"))
     step.lora_config = lora
     step.capture = used

@@ -104,12 +104,15 @@ class StepMemory:
         are ``max_memory_allocated``. Where the allocator cannot be measured (another
         torch.profiler session is active) this warns and measures tensor storage. Sets
         ``last_loss``, ``last_measured``, ``last_measured_transient`` (the step's part) and
-        ``last_measured_at`` ("allocator" or "storage")."""
+        ``last_measured_at`` ("allocator" or "storage"). With gradient accumulation a call is one
+        micro-batch, and the K-th call of a cycle also runs the update: the planned peak is that
+        call's (the worst), so measure on it to compare (``step.micro_step == K - 1`` before)."""
         from pockc.runtime.memory import storage_bytes, track_peak
 
         step = self._step
         gm = step._graph_for(batch)
-        inputs = step.inputs(batch)
+        items = step._items(batch)
+        inputs = step.inputs(batch, items)
         device = next((t.device for t in inputs if isinstance(t, torch.Tensor) and t.device.type != "cpu"),
                       torch.device("cpu"))
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -125,16 +128,16 @@ class StepMemory:
             else:
                 whole.append(t)
         base += storage_bytes(whole)
-        run = step._executable(gm, inputs)
+        step._executable(gm, inputs)           # built (and a backend lowered) outside the measurement
+        if getattr(step, "accumulate", 1) > 1 and step.micro_step + 1 >= step.accumulate:
+            step._executable(gm.meta["pockc.apply"], inputs)
         if allocator and device.type == "cpu" and torch.autograd.profiler._is_profiler_enabled:
             import warnings
             warnings.warn("pockc: a torch.profiler session is active, so step.memory.measure() measures live "
                           "tensor storage (kernel scratch not included) instead of the allocator", stacklevel=2)
             allocator = False
         with torch.no_grad(), track_peak(device, allocator=allocator) as tracker:
-            out = run(*inputs)
-        step.step_count += 1
-        self.last_loss = out[0] if isinstance(out, (tuple, list)) else out
+            self.last_loss = step._run(gm, inputs, items)
         self.last_measured_transient = tracker.peak
         self.last_measured = base + tracker.peak
         self.last_measured_at = "allocator" if allocator or device.type != "cpu" else "storage"

@@ -16,7 +16,12 @@ passes, not even the model's Python class):
     the frozen parameters (read-only during training).
 ``state-<hash>.safetensors``
     what training writes: trained parameters, buffers (batch-norm statistics), optimizer state
-    (``optimizer/<param>/<state>``) and the program's tensor constants.
+    (``optimizer/<param>/<state>``; with gradient accumulation also ``optimizer/<param>/grad_accum``,
+    the gradients accumulated so far in the cycle) and the program's tensor constants. A step with
+    ``accumulate=K`` keeps its update program in the program file (``"apply"``) and its place in
+    the cycle in the manifest (``step.accumulate``: K, calls since the last update, their items),
+    so a step saved mid-cycle resumes exactly; a custom ``num_items`` function is not saved (set
+    ``step.num_items`` again after loading: the first call says so).
 ``plan-<hash>.json``
     the update plan and the memory plan (with their tables), as reported at compile time.
 
@@ -196,6 +201,11 @@ def save(step, path, *, extra: dict | None = None) -> str:
     model, layout = step.model, step.layout
     gm, sig = _current_program(step)
     program, constants = graph_to_json(gm)
+    apply = gm.meta.get("pockc.apply")
+    if apply is not None:     # gradient accumulation: the update program of the K-th call
+        program["apply"], apply_constants = graph_to_json(apply)
+    else:
+        apply_constants = {}
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     trained = set(layout.params)
@@ -205,6 +215,7 @@ def save(step, path, *, extra: dict | None = None) -> str:
     for (name, s), t in step.state.items():
         state[f"optimizer/{name}/{s}"] = t
     state.update({f"constant/{n}": t for n, t in constants.items()})
+    state.update({f"{APPLY_CONSTANT}{n}": t for n, t in apply_constants.items()})
     device = _device_of(step)
     if draws_random(gm):      # dropout: the generator's state, so that a resumed run draws the same masks
         state["rng/" + device.type] = _rng_get(device)
@@ -232,7 +243,8 @@ def save(step, path, *, extra: dict | None = None) -> str:
         "files": files,
         "step": {"kind": type(step).__name__, "step_count": step.step_count, "backend": step.backend,
                  "optimizer": step.optimizer.to_dict(), "layout": layout.to_json(),
-                 "batch_signature": signature_to_json(sig), "batch_args": step._nargs},
+                 "batch_signature": signature_to_json(sig), "batch_args": step._nargs,
+                 **_accumulation_json(step)},
         "model": _module_tree(model),
         "extra": extra or {},
     }
@@ -249,6 +261,22 @@ def save(step, path, *, extra: dict | None = None) -> str:
     fsync_dir(path)
     step._frozen_saved = (os.path.abspath(path), files["weights"], _frozen_versions(weights))
     return out
+
+
+APPLY_CONSTANT = "constant_apply/"   # tensor constants of the update program (accumulate=K)
+
+
+def _accumulation_json(step) -> dict:
+    """Gradient accumulation and clipping settings and where the step is in its cycle: its
+    accumulated gradients are optimizer state (``optimizer/<param>/grad_accum``), so a step saved
+    mid-cycle continues exactly."""
+    k = getattr(step, "accumulate", 1)
+    d = {"update_count": getattr(step, "update_count", step.step_count),
+         "max_grad_norm": getattr(step, "max_grad_norm", None)}
+    if k > 1:
+        d["accumulate"] = {"k": k, "micro_step": step.micro_step, "pending_items": step.pending_items,
+                           "num_items": "default" if step.num_items is None else "custom"}
+    return d
 
 
 def draws_random(gm) -> bool:
@@ -324,7 +352,10 @@ def _readable(step, gm) -> str:
             f"# Inputs in order: {len(lay.params)} trained params, {len(lay.frozen)} frozen params, "
             f"{len(lay.buffers)} buffers, {len(lay.state)} optimizer state tensors, {len(lay.scalars)} "
             f"optimizer scalars, {lay.batch} batch tensors.", "import torch", ""]
-    return "\n".join(head) + gm.code
+    apply = gm.meta.get("pockc.apply")
+    tail = ("\n# The update program, run after the program above on every accumulate-th call "
+            "(same inputs):\n" + apply.code.replace("def forward(", "def apply_update(", 1)) if apply is not None else ""
+    return "\n".join(head) + gm.code + tail
 
 
 def _file_sha(full: str) -> str:
@@ -450,6 +481,9 @@ def load(path, *, model: torch.nn.Module | None = None, device=None, verify: boo
         program = json.loads(raw["program"].decode("utf-8"))
         constants = {k[len("constant/"):]: v for k, v in state.items() if k.startswith("constant/")}
         gm = graph_from_json(program, constants)
+        if "apply" in program:
+            gm.meta["pockc.apply"] = graph_from_json(program["apply"], {
+                k[len(APPLY_CONSTANT):]: v for k, v in state.items() if k.startswith(APPLY_CONSTANT)})
     except (ValueError, ProgramError) as e:
         raise ArtifactError(f"{os.path.join(path, files['program']['name'])}: {e}") from None
     values = {}
@@ -478,10 +512,19 @@ def load(path, *, model: torch.nn.Module | None = None, device=None, verify: boo
         _fill_tree(target, tree, values)
     else:
         _load_into(model, tree, values, full)
-    step = TrainStep(target, gm, layout, optimizer, update_plan=None, example_batch=(), state=opt_state)
+    acc = st.get("accumulate")
+    if acc is not None and "apply" not in program:
+        raise ArtifactError(f"{full}: a step with accumulate={acc.get('k')} whose program lacks its update program")
+    from .train_step import _NOT_SAVED
+    step = TrainStep(target, gm, layout, optimizer, update_plan=None, example_batch=(), state=opt_state,
+                     accumulate=int(acc["k"]) if acc else 1, max_grad_norm=st.get("max_grad_norm"),
+                     num_items=_NOT_SAVED if acc and acc.get("num_items") == "custom" else None)
     sig = signature_from_json(st["batch_signature"], dev.type if dev is not None else None)
     step._restore_signature(sig, int(st["batch_args"]), source=path)
     step.step_count = int(st["step_count"])
+    step.update_count = int(st.get("update_count", step.step_count))
+    if acc:
+        step.micro_step, step.pending_items = int(acc["micro_step"]), int(acc["pending_items"])
     step.backend = st.get("backend", "aten")
     doc = json.loads(raw["plan"].decode("utf-8"))
     step.update_plan = SavedUpdatePlan(doc)

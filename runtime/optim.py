@@ -17,6 +17,12 @@ Each optimizer describes, for one trained tensor (a whole parameter or its selec
 
 The arithmetic follows torch.optim's single-tensor (``foreach=False``) code path operation by
 operation, so one compiled step matches ``torch.optim`` within float rounding.
+
+Gradient accumulation and clipping (``pockc.compile(..., accumulate=K, max_grad_norm=X)``) add,
+per trained tensor, the state ``ACCUM_STATE`` (the accumulated gradient of its trained rows) and
+two scalars, ``ACCUM_ITEMS`` (the items n_i of the current micro-batch) and ``ACCUM_INV`` (1/N,
+N the items of the K micro-batches); ``accumulate_grad``, ``total_grad_norm`` and
+``clip_coefficient`` below are the arithmetic passes/insert_optimizer.py traces into the step.
 """
 from __future__ import annotations
 
@@ -73,6 +79,29 @@ class Optimizer:
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
+
+
+ACCUM_STATE = "grad_accum"          # sum over the cycle's micro-batches of n_i * gradient (trained rows)
+ACCUM_ITEMS = "accum_items"         # n_i of this call's micro-batch
+ACCUM_INV = "accum_inv_items"       # 1 / N, N = sum of n_i over the cycle (read at the update)
+CLIP_EPS = 1e-6                     # torch.nn.utils.clip_grad_norm_'s
+
+
+def accumulate_grad(acc, g, s):
+    """``acc += n_i * g``: the micro-batch's loss is a mean over its n_i items, so ``n_i * g`` is
+    the gradient of their sum; the update divides the sum by N (``ACCUM_INV``)."""
+    acc.addcmul_(g, s[ACCUM_ITEMS])
+
+
+def total_grad_norm(grads):
+    """The L2 norm of all ``grads`` as one vector, as torch.nn.utils.clip_grad_norm_ computes it
+    (per-tensor norms, then the norm of their stack)."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+
+
+def clip_coefficient(total, max_norm):
+    """``min(1, max_norm / (total + 1e-6))``, the factor clip_grad_norm_ multiplies gradients by."""
+    return torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
 
 
 def checked_optimizer(opt) -> "Optimizer":

@@ -12,13 +12,14 @@ from __future__ import annotations
 import signal
 import threading
 import warnings
+from collections.abc import Mapping
 
 import torch
 
 from . import heap
 from .batch import batch_signature, batch_tensors, describe_leaf, signature_difference
 from .errors import BatchError, StepError
-from .optim import Optimizer, checked_optimizer
+from .optim import ACCUM_INV, ACCUM_ITEMS, ACCUM_STATE, Optimizer, checked_optimizer
 
 
 class TrainStep:
@@ -35,6 +36,14 @@ class TrainStep:
     class, momentum turned on) is a :class:`StepError`. Other Python attributes of the model
     changed after compiling (``dropout.p``) are not seen: compile again.
 
+    Gradient accumulation (``accumulate`` > 1): each call adds its micro-batch's gradient, weighted
+    by its item count (``num_items``, see :func:`count_items`), into the ``grad_accum`` state
+    tensors; the ``accumulate``-th call then runs the update program (``graph.meta["pockc.apply"]``:
+    divide by the cycle's items, clip, update, clear). ``step_count`` counts calls,
+    ``update_count`` optimizer updates (the count the optimizer's scalars see), ``micro_step`` the
+    calls since the last update and ``pending_items`` their items. ``last_grad_norm``: the
+    gradient norm before clipping of the latest update, when ``max_grad_norm`` is set.
+
     A step either completes or, if it raises before its loss is computed (a label out of range),
     leaves parameters and optimizer state as they were (passes/defer_writes.py). Ctrl-C during a
     step takes effect once the step has finished (press it twice to stop at once). Calls from
@@ -42,8 +51,16 @@ class TrainStep:
     """
 
     def __init__(self, model, graph, layout, optimizer: Optimizer, update_plan=None,
-                 example_batch=(), recompile=None, state=None):
+                 example_batch=(), recompile=None, state=None, *, accumulate: int = 1, max_grad_norm=None,
+                 num_items=None):
         self.model = model
+        self.accumulate = accumulate
+        self.max_grad_norm = max_grad_norm
+        self.num_items = num_items    # callable(*batch) -> int, or None: count_items' default rule
+        self.micro_step = 0           # calls since the last optimizer update (accumulation)
+        self.pending_items = 0        # items of those calls' micro-batches
+        self.update_count = 0         # optimizer updates applied
+        self.last_grad_norm = None
         self.layout = layout
         self.optimizer = optimizer
         self.update_plan = update_plan
@@ -68,10 +85,12 @@ class TrainStep:
                        for i, n in enumerate((*layout.params, *layout.frozen, *layout.buffers))]
         if state is None:
             params = dict(model.named_parameters())
+            rows = {name: selected_rows(params[name].detach(), sel) for name, sel in layout.grads}
+            init = {name: optimizer.init_state(t) for name, t in rows.items()}
             state = {}
-            for name, sel in layout.grads:
-                for s, t in optimizer.init_state(selected_rows(params[name].detach(), sel)).items():
-                    state[(name, s)] = t
+            for name, s in map(tuple, layout.state):   # the graph's order; grad_accum buffers start at zero
+                state[(name, s)] = (init[name][s] if s != ACCUM_STATE
+                                    else torch.zeros_like(rows[name], memory_format=torch.contiguous_format))
         self.state = state
 
     def _restore_signature(self, signature, nargs, source=None):
@@ -155,8 +174,9 @@ class TrainStep:
                             f"(state {list(self._opt_names[0])}, now {list(opt.state_names)}): compile a new step "
                             "for it")
 
-    def inputs(self, batch) -> list:
-        """The flat list of tensors the graph takes for ``batch``."""
+    def inputs(self, batch, items: int = 0) -> list:
+        """The flat list of tensors the graph takes for ``batch`` (``items``: its item count, with
+        accumulation)."""
         lay = self.layout
         # Each tensor is looked up through the module tree as it is now (a parameter or a submodule
         # replaced since compiling is picked up, as named_parameters() would), without walking
@@ -167,7 +187,11 @@ class TrainStep:
             for part in path:
                 mod = mod._modules[part]
             tensors.append(mod._parameters[leaf] if is_param else mod._buffers[leaf])
-        scalars = self.optimizer.scalars(self.step_count)
+        scalars = self.optimizer.scalars(self.update_count)
+        if self.accumulate > 1:
+            total = self.pending_items + items
+            scalars[ACCUM_ITEMS] = float(items)
+            scalars[ACCUM_INV] = 1.0 / total if total else 0.0
         return (tensors + [self.state[k] for k in map(tuple, lay.state)]
                 + [torch.tensor(scalars[s], dtype=torch.float64) for s in lay.scalars]
                 + batch_tensors(batch))
@@ -176,12 +200,40 @@ class TrainStep:
         with self._lock, _DeferInterrupt():
             gm = self._graph_for(batch)
             with torch.no_grad():
-                inputs = self.inputs(batch)
+                items = self._items(batch)
+                inputs = self.inputs(batch, items)
                 if id(gm) not in self._heap_kept:
                     self._keep_heap(gm, inputs)
-                loss = self._executable(gm, inputs)(*inputs)
-            self.step_count += 1
-        return loss[0] if isinstance(loss, (tuple, list)) else loss
+                return self._run(gm, inputs, items)
+
+    def _items(self, batch) -> int:
+        if self.accumulate <= 1:
+            return 0
+        if self.num_items is _NOT_SAVED:
+            raise StepError(f"{self.source or 'this step'}: was saved with a custom num_items function, which a saved "
+                            "step cannot hold: set step.num_items = <the function> after pockc.load")
+        return count_items(batch, self.num_items)
+
+    def _run(self, gm, inputs, items: int = 0):
+        """Run ``gm`` on ``inputs``; with accumulation, on the cycle's last call, the update after it."""
+        out = self._executable(gm, inputs)(*inputs)
+        self.step_count += 1
+        if self.accumulate > 1:
+            self.micro_step += 1
+            self.pending_items += items
+            if self.micro_step >= self.accumulate:
+                apply = gm.meta["pockc.apply"]
+                norm = self._executable(apply, inputs)(*inputs)
+                self._updated(norm[0] if norm else None)
+        else:
+            self._updated(out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _updated(self, norm):
+        self.update_count += 1
+        self.micro_step = self.pending_items = 0
+        if norm is not None:
+            self.last_grad_norm = norm
 
     def _keep_heap(self, gm, inputs):
         """On CPU, keep the step's working memory mapped between calls (runtime/heap.py)."""
@@ -241,6 +293,10 @@ class TrainStep:
         ``target="aoti"`` -- an AOTInductor package (``.pt2``) that libtorch runs from C++
         (runtime/aoti.py, runtime/cpp/) and ``pockc.load`` loads."""
         if target == "aoti":
+            if self.accumulate > 1:
+                raise StepError(f"step.export(target='aoti') cannot export a step with accumulate={self.accumulate} "
+                                "(it runs two programs): compile the model without accumulate= to export it, or "
+                                "save this one with step.save(dir)")
             from .aoti import export_aoti
             return export_aoti(self, path, **kwargs)
         raise ValueError(f"unknown export target {target!r}; use 'aoti' (or step.save(path) for pockc's own format)")
@@ -299,6 +355,46 @@ class _DeferInterrupt:
         if self.hit and exc_type is None:
             raise KeyboardInterrupt
         return False
+
+
+_NOT_SAVED = object()   # num_items of a loaded step that was saved with a custom function
+
+
+def count_items(batch, num_items=None) -> int:
+    """The items n_i a micro-batch's mean loss averages over, which gradient accumulation weights
+    its gradient by: ``num_items(*batch)`` when given; else, for a batch with a ``labels`` tensor
+    leaf (a dict key, at any depth), its labels != -100 -- of ``labels[..., 1:]`` when it has 2 or
+    more dims, since Hugging Face's causal LM loss shifts them by one (pass ``num_items`` for a
+    loss that does not); else the batch size, the first dimension of the first tensor."""
+    if num_items is not None:
+        n = num_items(*batch)
+        if isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_floating_point():
+            n = int(n.item())
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise StepError(f"num_items(*batch) must return a whole number >= 0 of items, got {n!r}")
+        return n
+    labels = _find_labels(batch)
+    if labels is not None:
+        if labels.dim() >= 2:
+            labels = labels[..., 1:]
+        return int((labels != -100).sum())
+    first = next(iter(batch_tensors(batch)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else 1
+
+
+def _find_labels(obj):
+    if isinstance(obj, Mapping):   # a dict, or transformers' BatchEncoding
+        t = obj.get("labels")
+        if isinstance(t, torch.Tensor):
+            return t
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for x in obj:
+            if isinstance(x, (Mapping, list, tuple)):
+                t = _find_labels(x)
+                if t is not None:
+                    return t
+    return None
 
 
 def selected_rows(p, sel):

@@ -8,67 +8,80 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import pockc
 from pockc import zoo
 from pockc.lora import adapted_modules
 from tests.oracle import eager_steps
+from tests.reference import resolve, varied_batches
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 # ------------------------------------------------------------------ an eager reference LoRA
-class RefLoraLinear(nn.Module):
-    """PEFT's LoRA Linear written out: base(x) + lora_B(lora_A(dropout(x))) * scaling."""
+def peft_scaling(r, lora_alpha, use_rslora=False):
+    """PEFT's LoraLayer.update_layer: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA.
+    Computed here, not read from pockc's LoraConfig.scaling, so a wrong scaling there shows."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scaling: float):
+
+class RefLoraLinear(nn.Module):
+    """PEFT's LoRA Linear from its definition: y = base(x) + dropout(x) @ A^T @ B^T * scaling,
+    A of shape (r, in_features), B of shape (out_features, r)."""
+
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0):
         super().__init__()
-        self.base = base
-        self.lora_A = nn.Linear(base.in_features, a.shape[0], bias=False)
-        self.lora_B = nn.Linear(a.shape[0], base.out_features, bias=False)
-        with torch.no_grad():
-            self.lora_A.weight.copy_(a)
-            self.lora_B.weight.copy_(b)
-        self.scaling = scaling
+        assert a.shape == (a.shape[0], base.in_features) and b.shape == (base.out_features, a.shape[0])
+        self.base, self.scaling, self.dropout = base, scaling, dropout
+        self.lora_A = nn.Parameter(a.detach().clone())
+        self.lora_B = nn.Parameter(b.detach().clone())
 
     def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return self.base(x) + h @ self.lora_A.T @ self.lora_B.T * self.scaling
 
 
-def reference_lora(model, step_model, scaling):
+def reference_lora(model, step_model, lora):
     """A copy of the base ``model`` with RefLoraLinear wherever ``step_model`` has an adapter,
-    initialized to the same A / B; only the adapters require grad."""
+    holding the same A / B values; only the adapters require grad. ``lora`` is the LoraConfig:
+    scaling and dropout are derived here from its r, lora_alpha, use_rslora and lora_dropout, never
+    taken from pockc."""
+    scaling, dropout = peft_scaling(lora.r, lora.lora_alpha, lora.use_rslora), lora.lora_dropout
     ref = copy.deepcopy(model)
     for p in ref.parameters():
         p.requires_grad_(False)
     for name, mod in adapted_modules(step_model).items():
         parent, _, leaf = name.rpartition(".")
-        base = ref.get_submodule(name)
-        setattr(ref.get_submodule(parent), leaf, RefLoraLinear(base, mod.lora_A.detach(), mod.lora_B.detach(), scaling))
+        setattr(ref.get_submodule(parent), leaf,
+                RefLoraLinear(ref.get_submodule(name), mod.lora_A, mod.lora_B, scaling, dropout))
     return ref
 
 
 def ref_adapters(ref):
-    return {f"{n}.lora_A": m.lora_A.weight for n, m in ref.named_modules() if isinstance(m, RefLoraLinear)} | \
-           {f"{n}.lora_B": m.lora_B.weight for n, m in ref.named_modules() if isinstance(m, RefLoraLinear)}
+    """{"<module>.lora_A" / "<module>.lora_B": parameter}, pockc's names for the same tensors."""
+    mods = [(n, m) for n, m in ref.named_modules() if isinstance(m, RefLoraLinear)]
+    return {f"{n}.lora_A": m.lora_A for n, m in mods} | {f"{n}.lora_B": m.lora_B for n, m in mods}
 
 
 def run_lora(ex, lora, layers, steps=3, lr=1e-2, update=None):
+    """``steps`` pockc steps and ``steps`` reference steps (autograd + torch.optim.AdamW), each on
+    a different batch."""
     base = ex.model
     m = copy.deepcopy(base)
     step = pockc.finetune(m, ex.loss_fn, ex.example_batch, lora=lora, layers=layers, update=update,
                           optimizer=pockc.AdamW(lr=lr))
-    ref = reference_lora(base, m, lora.scaling)
+    ref = reference_lora(base, m, lora)
     extra = [p for n, p in ref.named_parameters() if update and any(k in n for k in ("norm",))]
     for p in extra:
         p.requires_grad_(True)
     params = list(ref_adapters(ref).values()) + extra
     opt = torch.optim.AdamW(params, lr=lr, foreach=False)
     lc, le = [], []
-    for _ in range(steps):
-        lc.append(step(*ex.example_batch))
+    for batch in varied_batches(ex.example_batch, steps):
+        lc.append(step(*batch))
         opt.zero_grad(set_to_none=True)
-        loss = ex.loss_fn(ref, *ex.example_batch)
+        loss = ex.loss_fn(ref, *batch)
         loss.backward()
         opt.step()
         le.append(loss.detach())
@@ -120,11 +133,14 @@ def test_partial_layers_matches_eager_oracle():
     # the block's params plus the norms in it and after it (final norm), nothing below
     assert "norm.weight" in names and "layers.2.q_proj.weight" not in names
     assert "layers.2.input_layernorm.weight" in names and not any(n.startswith(("layers.0", "layers.1")) for n in names)
-    measured = step.memory.measure(*ex.example_batch)       # the planned peak bounds the measured one
-    assert measured <= step.memory.peak_bytes <= 1.1 * measured
-    for _ in range(2):
-        step(*ex.example_batch)
-    eager_steps(m_e, ex.loss_fn, [ex.example_batch] * 3, step.update_plan, pockc.AdamW(lr=1e-2))
+    scope = resolve("last:1+head", ex.model, ex.loss_fn, ex.example_batch)   # the independent resolver's view
+    assert names == sorted(n for n in resolve({"*norm*": "full"}, ex.model) if n in scope)
+    batches = varied_batches(ex.example_batch, 3)
+    measured = step.memory.measure(*batches[0])       # the planned peak bounds the measured one
+    assert measured == step.memory.peak_bytes   # equal to the byte
+    for batch in batches[1:]:
+        step(*batch)
+    eager_steps(m_e, ex.loss_fn, batches, step.update_plan, pockc.AdamW(lr=1e-2))
     for (n, pc), pe, po in zip(m_c.named_parameters(), m_e.parameters(), ex.model.parameters()):
         torch.testing.assert_close(pc, pe, rtol=1e-5, atol=1e-6)
         if n not in names:
@@ -226,3 +242,70 @@ def test_lora_dropout_is_random_per_step_and_off_in_eval():
     ex.model.eval()
     with torch.no_grad():
         assert torch.equal(ex.model(ex.example_batch[0]), ex.model(ex.example_batch[0]))
+
+
+# ------------------------------------------------------------------ against PEFT itself
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_matches_peft_on_hf_llama_float64(use_rslora):
+    """The same LoRA built by PEFT (get_peft_model) on a tiny Hugging Face Llama, holding the same A
+    and B: pockc's adapted forward gives PEFT's logits, and 3 pockc AdamW steps land where PEFT +
+    torch.optim.AdamW do. float64, so the bound is rounding, not a tolerance a bug could hide in."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import warnings
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        base = transformers.LlamaForCausalLM(cfg).double().train()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    batches = varied_batches((ids, ids.clone()), 3)
+
+    def loss_fn(model, ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+
+    targets, r, alpha = ["q_proj", "v_proj", "down_proj"], 4, 12
+    m = copy.deepcopy(base)
+    # B starts random (init_lora_weights=False), so the scaling shows in the very first forward
+    lora = pockc.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
+                            init_lora_weights=False, seed=1)
+    opt = pockc.AdamW(lr=1e-2, weight_decay=0.1)
+    step = pockc.finetune(m, loss_fn, batches[0], lora=lora, optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none", use_rslora=use_rslora))
+    inner = pm.base_model.model
+    adapted = adapted_modules(m)
+    assert sorted(adapted) == sorted(n for n, mod in inner.named_modules() if hasattr(mod, "lora_A")
+                                     and isinstance(getattr(mod, "lora_A"), nn.ModuleDict))
+    theirs = {}
+    with torch.no_grad():
+        for name, mod in adapted.items():
+            layer = inner.get_submodule(name)
+            assert layer.scaling["default"] == peft_scaling(r, alpha, use_rslora)
+            for ab in ("A", "B"):
+                w = getattr(layer, f"lora_{ab}")["default"].weight
+                w.data = w.data.double()
+                w.copy_(getattr(mod, f"lora_{ab}"))
+                theirs[f"{name}.lora_{ab}"] = w
+    assert all(p.requires_grad == (p in set(theirs.values())) for p in pm.parameters())
+    with torch.no_grad():
+        logits = m(input_ids=ids).logits
+        torch.testing.assert_close(logits, pm(input_ids=ids).logits, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(logits, base(input_ids=ids).logits)
+    eager_opt = torch.optim.AdamW(list(theirs.values()), lr=1e-2, weight_decay=0.1, foreach=False)
+    for batch in batches:
+        lc = step(*batch)
+        eager_opt.zero_grad(set_to_none=True)
+        le = loss_fn(pm, *batch)
+        le.backward()
+        eager_opt.step()
+        torch.testing.assert_close(lc, le.detach(), rtol=1e-10, atol=1e-12)
+    ours = step.trainable_parameters()
+    assert sorted(ours) == sorted(theirs)
+    for n, t in theirs.items():
+        torch.testing.assert_close(ours[n], t, rtol=1e-10, atol=1e-12, msg=lambda s: f"{n}: {s}")
+    for n, p in base.named_parameters():                       # the base weights stay bit-identical
+        assert torch.equal(dict(m.named_parameters())[n], p), n
