@@ -302,11 +302,13 @@ class _Graph:
         copy paged back in)?"""
         sts = flat(self.root.get(m))
         for s in sts:
+            # Written in place after m (paged or not): the storage, and a copy paged out after
+            # its last forward reader, hold the new values, not m's.
+            if self.written_between(s, self.pos[m], p):
+                return False
             if not s.persistent and id(s) in paged:
                 continue
             if not s.persistent and (id(s) in chosen or id(s) not in self.saved):
-                return False
-            if self.written_between(s, self.pos[m], p):
                 return False
         return True
 

@@ -10,6 +10,7 @@ import torch
 
 import pockc
 from pockc import zoo
+from pockc.passes.fx_utils import is_view, mutated_args
 from pockc.passes.plan_memory import plan_memory
 from pockc.passes.rematerialize import _Graph, _greedy, _milp, rematerialize
 from pockc.remat_cost import CostModel, flops
@@ -204,3 +205,93 @@ def test_dropout_masks_are_recomputed_by_replaying_the_generator():
     for a, b in zip(lc, le):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert_match(m_c, m_e, ex.model, step.update_plan, rtol=1e-4, atol=1e-5)
+
+
+class _TanhThenInPlace(torch.nn.Module):
+    """h = inp(x) is read by tanh, then transformed in place: inplace_ops turns relu(h * 2 + 1)
+    into mul_ / add_ / relu_ on h's storage (h dies there), and the backward pass reads that
+    storage (b's weight gradient, relu's mask). So at tanh's first backward reader the storage
+    of h holds relu(2h + 1), not h."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.inp, self.a, self.b = torch.nn.Linear(8, d), torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.c, self.head = torch.nn.Linear(d, d), torch.nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        z = self.a(torch.tanh(h)) + self.b(torch.relu(h * 2.0 + 1.0))
+        return self.head(torch.relu(self.c(torch.relu(z))))
+
+
+def test_recompute_does_not_read_a_storage_overwritten_in_place():
+    """A clone reads an original value directly only if nothing wrote its storage in between
+    (``_Graph.usable``): here tanh's input h is overwritten in place right after tanh reads it,
+    so recomputing tanh(h) in the backward must recompute h as well (its addmm) instead of
+    taking tanh of what the storage holds then (relu(2h + 1)). Float64, different batches,
+    against eager autograd + torch.optim."""
+    aten = torch.ops.aten
+    torch.manual_seed(0)
+    model = _TanhThenInPlace().double()
+    loss_fn = lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    batches = [(torch.randn(32, 8, dtype=torch.float64), torch.randint(0, 4, (32,))) for _ in range(3)]
+    opt = pockc.SGD(**OPT)
+    base = pockc.compile(copy.deepcopy(model), loss_fn, batches[0], update="full", optimizer=opt).memory.plan
+    budget = int(base.persistent_bytes + 0.9 * (base.required_bytes - base.persistent_bytes))
+    m_c, m_e = copy.deepcopy(model), copy.deepcopy(model)
+    step = pockc.compile(m_c, loss_fn, batches[0], update="full", optimizer=opt, budget=budget,
+                         remat="recompute")
+    rep = step.remat
+    assert rep is not None and rep.fits and rep.recomputed and not rep.paged
+    assert step.memory.plan.required_bytes <= budget < base.required_bytes
+
+    nodes = list(step.graph.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    tanh = next(n for n in nodes if n.target is aten.tanh.default and "pockc.remat" not in n.meta)
+    h = tanh.args[0]
+    assert h.target is aten.addmm.default
+    # the situation the guard is for: h's storage is written in place after tanh reads it, and
+    # the backward pass reads it (so the storage is kept, and a clone could read it) ...
+    aliases, writers = {h}, []
+    for n in nodes:
+        if "pockc.remat" in n.meta or not n.args or n.args[0] not in aliases:
+            continue
+        if n.args[0] in mutated_args(n):
+            aliases.add(n)
+            writers.append(n)
+        elif is_view(n):
+            aliases.add(n)
+    assert writers and all(pos[w] > pos[tanh] for w in writers), writers
+    assert any(u.meta.get("pockc.role") == "backward" for a in aliases for u in a.users)
+    # ... and tanh is recomputed: its clone reads a clone of h, never h's storage (overwritten)
+    clone = next((n for n in nodes if n.meta.get("pockc.remat") == tanh.name), None)
+    assert clone is not None and "tanh" in rep.recomputed
+    src = clone.args[0]
+    assert src not in aliases and src.meta.get("pockc.remat") == h.name and src.target is aten.addmm.default
+    assert pos[writers[-1]] < pos[src] < pos[clone]
+    assert not [n for n in nodes if "pockc.remat" in n.meta and aliases & set(n.all_input_nodes)]
+
+    torch.manual_seed(0)
+    assert step.memory.measure(*batches[0]) == step.memory.peak_bytes
+    lc = [step.memory.last_loss] + [step(*b) for b in batches[1:]]
+    le = eager_steps(m_e, loss_fn, batches, step.update_plan, opt)
+    for a, b in zip(lc, le):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_match(m_c, m_e, model, step.update_plan, rtol=1e-10, atol=1e-12)
+
+
+def test_a_paged_copy_of_a_storage_overwritten_in_place_is_not_read():
+    """Paging h's storage out does not make it readable for a clone: the copy is taken after
+    the in-place writes (relu(2h+1) over h), so recomputing tanh(h) must recompute h itself.
+    Replayed decisions (a recompile for a new batch shape) reach this combination directly."""
+    torch.manual_seed(0)
+    model = _TanhThenInPlace().double()
+    loss_fn = lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    batch = (torch.randn(32, 8, dtype=torch.float64), torch.randint(0, 4, (32,)))
+    step = pockc.compile(copy.deepcopy(model), loss_fn, batch, update="full", optimizer=pockc.SGD(**OPT))
+    gm = rematerialize(step.graph, step.layout, None, recompute=["tanh"], page=["addmm"]).graph_module
+    [tanh] = [n for n in gm.graph.nodes if n.name == "tanh_remat"]
+    src = tanh.args[0]
+    while is_view(src):
+        src = src.args[0]
+    assert src.name == "addmm_remat", f"the tanh clone reads {src.name} ({src.target}), not a recomputed addmm"

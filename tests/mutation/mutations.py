@@ -212,6 +212,15 @@ MUTATIONS: list[Mutation] = [
       "updates in place): the clone recomputes from the new values",
       ("tests/test_rematerialize.py::test_full_finetune_fits_and_matches_eager",
        "tests/test_rematerialize.py::test_recompute_does_not_read_a_storage_overwritten_in_place")),
+    M("remat-paged-skips-overwrite-check",
+      "passes/rematerialize.py",
+      "            if self.written_between(s, self.pos[m], p):\n                return False\n"
+      "            if not s.persistent and id(s) in paged:\n                continue\n",
+      "            if not s.persistent and id(s) in paged:\n                continue\n"
+      "            if self.written_between(s, self.pos[m], p):\n                return False\n",
+      "a storage paged out counts as readable even when it was written in place after the node "
+      "the clone needs: the paged copy holds the overwritten values (found by this audit)",
+      ("tests/test_rematerialize.py::test_a_paged_copy_of_a_storage_overwritten_in_place_is_not_read",)),
 
     # ---------------------------------------------------------------------- runtime/optim.py
     M("sgd-weight-decay-discarded",
