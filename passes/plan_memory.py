@@ -204,8 +204,12 @@ def storages_of(graph: fx.Graph, layout=None, workspaces: bool = True):
             elif isinstance(val, torch.Tensor):
                 root[n] = fresh(n, n.name, val)
     if workspaces:
-        from .workspace import call_peaks
-        for n, peak in call_peaks(nodes).items():
+        from .workspace import call_peaks, output_storage_bytes
+        peaks = call_peaks(nodes)
+        for n, real in output_storage_bytes(nodes).items():   # a storage larger than its tensor
+            if len(made.get(n, ())) == 1 and isinstance(n.meta.get("val"), torch.Tensor):
+                made[n][0].nbytes = max(made[n][0].nbytes, real)
+        for n, peak in peaks.items():
             ws = peak - sum(s.nbytes for s in made.get(n, ()))
             if ws > 0:
                 storages.append(Storage(f"{n.name} (workspace)", "workspace", ws, idx[n], idx[n]))

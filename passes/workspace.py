@@ -47,6 +47,10 @@ import torch.fx as fx
 from .fx_utils import is_aten, is_view
 
 _CACHE: dict = {}      # signature -> peak bytes of new allocations during the call (0 if unmeasurable)
+# signature -> bytes of the storage behind a single-tensor output as the kernel really allocates it,
+# where that exceeds what its shape needs: aten.mse_loss returns a 0-d loss inside a storage of the
+# input's size, so the loss tensor the step returns holds that much memory for the whole step
+_OUT_STORAGE: dict = {}
 STATS = {"measured": 0, "failed": [], "seconds": 0.0, "sessions": 0}
 _PREFIX = "pockc.workspace:"
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -153,6 +157,7 @@ def _measure_cpu(todo) -> dict:
                 kwargs = {kk: _materialize(v) for kk, v in node.kwargs.items()}
                 with torch.autograd.profiler.record_function(f"{_PREFIX}{k}"):
                     out = _binding(node.target)(*args, **kwargs)
+                _note_storage(sig, out)
                 keep.append(out)     # outputs outlive the window: what is left is scratch
                 del args, kwargs, out
             except Exception as e:  # noqa: BLE001 -- a synthetic input the op rejects
@@ -179,11 +184,35 @@ def _measure_cuda(todo) -> dict:
             out = _binding(node.target)(*args, **kwargs)
             torch.cuda.synchronize(dev)
             found[sig] = max(0, torch.cuda.max_memory_allocated(dev) - base)
+            _note_storage(sig, out)
             del out, args, kwargs
         except Exception as e:  # noqa: BLE001
             found[sig] = 0
             STATS["failed"].append(f"{node.target}: {type(e).__name__}: {str(e)[:120]}")
     return found
+
+
+def _note_storage(sig, out):
+    if isinstance(out, torch.Tensor) and out.layout == torch.strided:
+        real = out.untyped_storage().nbytes()
+        if real > out.numel() * out.element_size():
+            _OUT_STORAGE[sig] = real
+
+
+def output_storage_bytes(nodes) -> dict:
+    """node -> the bytes its single-tensor output's storage really takes, for the nodes whose
+    kernel allocates more than the output's shape needs (measured by :func:`call_peaks`, which
+    must run first on the same nodes)."""
+    if not enabled() or not _OUT_STORAGE:
+        return {}
+    memo, threads = {}, torch.get_num_threads()
+    out = {}
+    for n in nodes:
+        if n.op == "call_function":
+            s = signature(n, memo, threads)
+            if s is not None and s in _OUT_STORAGE:
+                out[n] = _OUT_STORAGE[s]
+    return out
 
 
 def _rng_states(devices):

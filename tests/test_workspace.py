@@ -163,3 +163,16 @@ def test_ops_reading_opaque_buffers_are_not_run():
     if hasattr(aten, "mkldnn_rnn_layer_backward"):       # reads the forward's oneDNN workspace
         assert not workspace._safe(aten.mkldnn_rnn_layer_backward.default)
     assert workspace._safe(aten.convolution_backward.default) and workspace._safe(aten.mm.default)
+
+
+@pytest.mark.parametrize("batch", [4, 32])
+def test_an_output_storage_larger_than_its_tensor_is_planned(batch):
+    """aten.mse_loss returns its 0-d loss inside a storage of the input's size; the loss lives for
+    the whole step, so the plan must count that storage, not 4 bytes (it was 60 bytes short)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    x, y = torch.randn(batch, 8), torch.randn(batch, 4)
+    step = pockc.compile(m, lambda m, x, y: F.mse_loss(m(x), y), (x, y), update="full", optimizer=pockc.SGD(lr=0.01))
+    assert step.memory.measure(x, y) == step.memory.peak_bytes
+    assert step.memory.measure(x, y, allocator=False) <= step.memory.peak_bytes
