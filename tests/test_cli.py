@@ -283,6 +283,7 @@ def test_ctrl_c_in_a_real_run(tmp_path):
     f = tmp_path / "m.py"
     f.write_text(TASK.replace("torch.manual_seed(0)", "import time; print('ready', flush=True); time.sleep(120)"))
     p = subprocess.Popen([sys.executable, "-m", "pockc", "compile", str(f), "-o", str(tmp_path / "o")],
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),   # even from a background job
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"

@@ -56,8 +56,10 @@ def _pockc(*args, cwd, check=True, **kw):
 
 
 def _start(args, cwd):
+    # SIGINT back to its default in the child: a background job's ignored SIGINT would be inherited
     return subprocess.Popen([sys.executable, "-m", "pockc", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": ROOT})
+                            text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": ROOT},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _read(path):

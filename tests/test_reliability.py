@@ -235,7 +235,16 @@ def test_a_step_that_fails_in_the_forward_changes_nothing(opt):
     assert not [n for n in nodes[:first_loss] if any(a in phs for a in mutated_args(n))]
 
 
-def test_ctrl_c_during_a_step_takes_effect_after_it():
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler during the test, also where pytest runs in a background job
+    (a shell starts those with SIGINT ignored, and Python then installs no handler)."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+def test_ctrl_c_during_a_step_takes_effect_after_it(python_ctrl_c):
     m_c, m_e = mlp(), mlp()
     x, y = torch.randn(4, 6).double(), torch.arange(4)
     loss_fn = lambda m, x, y: F.cross_entropy(m(x), y)  # noqa: E731
