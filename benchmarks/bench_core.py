@@ -110,7 +110,7 @@ def update_label(update) -> str:
 # One eager baseline for the tests' oracle and every benchmark; it lives in the installed package
 # so that `pockc bench` can use it.
 from pockc.bench import (BenchError, EagerStep, git_commit, load_average, run_workers, serve,  # noqa: E402
-                         worker_env, write_results)
+                         time_calls, worker_env, write_results)
 
 
 class PockcStep:
@@ -143,14 +143,42 @@ def measure_memory(runner, batch):
     return {"peak_bytes": peak, "resident_bytes": resident, "peak_total_bytes": resident + peak}
 
 
-class _Worker:
+class StepWorker:
+    """A variant in its own process (pockc.bench.serve): subclasses set ``runner``, ``batch`` and
+    ``info``; every call of ``run`` and ``memory`` is one step of ``runner`` on ``batch``."""
+
+    def warm_up(self, n):
+        for _ in range(n):
+            self.runner(*self.batch)
+
+    def run(self, n):
+        return time_calls(self.runner, self.batch, n)
+
+    def memory(self):
+        return measure_memory(self.runner, self.batch)
+
+
+def time_variants(specs, module, threads, rounds, log, what=""):
+    """:func:`pockc.bench.run_workers` over ``specs`` (each variant's process started with
+    ``python -m module --worker``), failing loudly if a variant failed; returns ``(figures,
+    step seconds per variant, 1-minute load samples)``, each figure's ``time_ms`` summarized."""
+    figs, load = run_workers(specs, module, lambda k, _: worker_env(k, threads), rounds, log=log)
+    failed = {k: f["error"] for k, f in figs.items() if "error" in f}
+    if failed:
+        raise RuntimeError(f"{what}variants failed: {failed}")
+    times = {k: f.pop("_times") for k, f in figs.items()}
+    for k, f in figs.items():
+        f.pop("round_medians_ms", None)
+        f["time_ms"] = summarize(times[k])
+    return figs, times, load
+
+
+class _Worker(StepWorker):
     """One variant (``eager_full``, ``eager_same`` or ``pockc`` of one policy) in its own process,
     on a model built from the same seed as every other variant's."""
 
     def __init__(self, spec):
-        from pockc.bench import time_calls
         from pockc.trace import analyze_forward
-        self._time_calls = time_calls
         torch.manual_seed(0)
         ex = zoo.ZOO[spec["model"]](**spec["sizes"])
         opt = pockc.Optimizer.from_dict(spec["optimizer"])
@@ -164,15 +192,8 @@ class _Worker:
                 spec["update"], ex.model, analyze_forward(ex.model, ex.loss_fn, self.batch))
             self.runner = EagerStep(ex.model, ex.loss_fn, opt, plan)
             self.info = {"torch_optim_foreach": self.runner.foreach}
-        for _ in range(spec["warmup"]):
-            self.runner(*self.batch)
+        self.warm_up(spec["warmup"])
         self.info["setup_s"] = time.perf_counter() - t0
-
-    def run(self, n):
-        return self._time_calls(self.runner, self.batch, n)
-
-    def memory(self):
-        return measure_memory(self.runner, self.batch)
 
 
 def worker_main(spec_json):
@@ -205,14 +226,7 @@ def bench_model(spec, steps, warmup, threads, bar):
         bar.set_description(f"{spec['name']}: {msg}")
         if msg.startswith("round"):
             bar.update(1)
-    figs, load = run_workers(specs, "benchmarks.bench_core", lambda k, _: worker_env(k, threads), steps, log=log)
-    failed = {k: f["error"] for k, f in figs.items() if "error" in f}
-    if failed:
-        raise RuntimeError(f"{spec['name']}: variants failed: {failed}")
-    times = {k: f.pop("_times") for k, f in figs.items()}
-    for k, f in figs.items():
-        f.pop("round_medians_ms", None)
-        f["time_ms"] = summarize(times[k])
+    figs, times, load = time_variants(specs, "benchmarks.bench_core", threads, steps, log, f"{spec['name']}: ")
 
     result = {"sizes": spec["sizes"], "optimizer": opt.to_dict(), "params": n_params, "load_1min": load,
               "eager_full": figs["eager_full"], "configs": []}

@@ -33,8 +33,8 @@ import torch
 from tabulate import tabulate
 
 import pockc
-from benchmarks.bench_core import (DEFAULT_THREADS, MiB, RESULTS, EagerStep, PockcStep, git_commit, load_average,
-                                   machine_info, measure_memory, run_workers, serve, summarize, worker_env)
+from benchmarks.bench_core import (DEFAULT_THREADS, MiB, RESULTS, EagerStep, PockcStep, StepWorker, git_commit,
+                                   load_average, machine_info, serve, time_variants)
 from pockc import zoo
 from pockc.bench import BenchError, write_results
 from pockc.lora import attach_lora, match_targets
@@ -71,12 +71,10 @@ OPTIMIZER = pockc.AdamW(lr=1e-4)
 LORA = pockc.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, seed=0)
 
 
-class _Worker:
+class _Worker(StepWorker):
     """One variant in its own process, on a model built from the same seed as the others'."""
 
     def __init__(self, spec):
-        from pockc.bench import time_calls
-        self._time_calls = time_calls
         sizes, variant = spec["sizes"], spec["variant"]
         torch.manual_seed(0)
         ex = zoo.llama(**sizes)
@@ -99,14 +97,7 @@ class _Worker:
         self.info = {"trained_params": trained, "params": n_params}
         if isinstance(self.runner, FinetuneRunner):
             self.info["compile_s"] = self.runner.compile_seconds
-        for _ in range(spec["warmup"]):
-            self.runner(*self.batch)
-
-    def run(self, n):
-        return self._time_calls(self.runner, self.batch, n)
-
-    def memory(self):
-        return measure_memory(self.runner, self.batch)
+        self.warm_up(spec["warmup"])
 
 
 def worker_main(spec_json):
@@ -117,14 +108,7 @@ def bench(quick, steps, warmup, threads, progress=True):
     sizes = sizes_for(quick)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     specs = {v: dict(variant=v, sizes=sizes, warmup=warmup, threads=threads) for v in VARIANTS}
-    figs, load = run_workers(specs, "benchmarks.bench_llm", lambda v, _: worker_env(v, threads), steps, log=log)
-    failed = {k: f["error"] for k, f in figs.items() if "error" in f}
-    if failed:
-        raise RuntimeError(f"variants failed: {failed}")
-    times = {k: f.pop("_times") for k, f in figs.items()}
-    for k, f in figs.items():
-        f.pop("round_medians_ms", None)
-        f["time_ms"] = summarize(times[k])
+    figs, times, load = time_variants(specs, "benchmarks.bench_llm", threads, steps, log)
     if figs["pockc_last2"]["trained_params"] != figs["eager_last2"]["trained_params"]:
         raise RuntimeError("pockc last:2 and eager last-2 train different sets")
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -43,6 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pockc.bench import git_commit             # the commit, '+dirty' when tracked files changed
+from pockc.runtime.fileio import atomic_write   # temporary file, fsync, rename
+
 from .mutations import MUTATIONS, Mutation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -264,44 +267,6 @@ def baseline(mutants, copy: Path, env: dict, workers: int, timeout: float, run_t
 
 
 # --------------------------------------------------------------------------- the report
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)          # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def git_commit() -> str:
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")     # read-only: never refresh the index
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             env=env, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, env=env).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -496,6 +461,7 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.report) if args.report else (HERE if not args.only else None)
     if out_dir is not None and not args.no_report:
+        out_dir.mkdir(parents=True, exist_ok=True)
         meta = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
                 "torch": torch_version(), "machine": machine(),
                 "mode": {"all": "whole tests/ for every mutant", "survivors": "mapped tests, then whole tests/ "
