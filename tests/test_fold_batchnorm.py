@@ -7,7 +7,7 @@ import torch
 import pockc
 from pockc import zoo
 from pockc.passes.fold_batchnorm import count_batchnorms
-from tests.oracle import assert_match, compiled_and_eager
+from tests.oracle import assert_match, compiled_and_eager, eager_steps
 
 aten = torch.ops.aten
 OPT = pockc.SGD(lr=0.1, momentum=0.9)
@@ -113,11 +113,6 @@ def _random_bn_model():
     return model.eval()           # eval mode: running statistics, folding applies
 
 
-def _torch_optimizer(opt, leaves):
-    cfg = {k: v for k, v in opt.to_dict().items() if k != "type"}
-    return {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[type(opt).__name__](leaves, foreach=False, **cfg)
-
-
 def _ce(m, x, y):
     return F.cross_entropy(m(x), y)
 
@@ -141,35 +136,8 @@ def test_fold_with_random_statistics_and_affine_matches_eager(update, opt):
     plan = step.update_plan
     lc = [step(*b) for b in batches]
 
+    le = eager_steps(m_e, _ce, batches, plan, OPTIMIZERS[opt])   # the independent reference (tests/reference.py)
     params = dict(m_e.named_parameters())
-    for p in params.values():
-        p.requires_grad_(False)
-    leaves, sparse = [], []
-    for name in plan.trainable_names():
-        p = params[name].requires_grad_(True)
-        sel = plan.selection(name)
-        if sel is None:
-            leaves.append(p)
-            continue
-        idx = slice(sel[1], sel[2]) if sel[0] == "slice" else torch.tensor(list(sel[1]))
-        leaf = p.detach()[idx].clone().requires_grad_(True)
-        leaves.append(leaf)
-        sparse.append((p, idx, leaf))
-    optim = _torch_optimizer(OPTIMIZERS[opt], leaves)
-    le = []
-    for b in batches:
-        optim.zero_grad(set_to_none=True)
-        for p, _, _ in sparse:
-            p.grad = None
-        loss = _ce(m_e, *b)
-        loss.backward()
-        for p, idx, leaf in sparse:
-            leaf.grad = p.grad[idx].clone()
-        optim.step()
-        with torch.no_grad():
-            for p, idx, leaf in sparse:
-                p[idx] = leaf
-        le.append(loss.detach())
 
     torch.testing.assert_close(torch.stack(lc), torch.stack(le), rtol=1e-9, atol=1e-12)
     pc, po = dict(m_c.named_parameters()), dict(original.named_parameters())

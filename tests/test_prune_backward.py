@@ -4,7 +4,7 @@ import torch
 import pockc
 from pockc import zoo
 from pockc.passes.schedule_updates import storage_roots
-from oracle import assert_match, compiled_and_eager
+from oracle import assert_match, compiled_and_eager, eager_steps
 
 aten = torch.ops.aten
 
@@ -136,52 +136,12 @@ OPTIMIZERS = {
 }
 
 
-def _torch_optimizer(opt, leaves):
-    cfg = {k: v for k, v in opt.to_dict().items() if k != "type"}
-    return {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}[type(opt).__name__](leaves, foreach=False, **cfg)
-
-
-def _eager_train(model, loss_fn, batches, plan, opt):
-    """Eager autograd + torch.optim over ``plan``'s trainable set: a channel-sparse parameter's
-    selected rows are a separate leaf (the rows of the full gradient), written back after each step."""
-    params = dict(model.named_parameters())
-    for p in params.values():
-        p.requires_grad_(False)
-    leaves, sparse = [], []
-    for name in plan.trainable_names():
-        p = params[name].requires_grad_(True)
-        sel = plan.selection(name)
-        if sel is None:
-            leaves.append(p)
-            continue
-        idx = slice(sel[1], sel[2]) if sel[0] == "slice" else torch.tensor(list(sel[1]))
-        leaf = p.detach()[idx].clone().requires_grad_(True)
-        leaves.append(leaf)
-        sparse.append((p, idx, leaf))
-    optim = _torch_optimizer(opt, leaves)
-    losses = []
-    for batch in batches:
-        optim.zero_grad(set_to_none=True)
-        for p, _, _ in sparse:
-            p.grad = None
-        loss = loss_fn(model, *batch)
-        loss.backward()
-        for p, idx, leaf in sparse:
-            leaf.grad = p.grad[idx].clone()
-        optim.step()
-        with torch.no_grad():
-            for p, idx, leaf in sparse:
-                p[idx] = leaf
-        losses.append(loss.detach())
-    return losses
-
-
 def _compare_with_eager(model, loss_fn, batches, update, opt, rtol=1e-9, atol=1e-12):
     m_c, m_e, original = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     step = pockc.compile(m_c, loss_fn, batches[0], update=update, optimizer=opt)
     plan = step.update_plan
     lc = [step(*b) for b in batches]
-    le = _eager_train(m_e, loss_fn, batches, plan, opt)
+    le = eager_steps(m_e, loss_fn, batches, plan, opt)   # the independent reference (tests/reference.py)
     torch.testing.assert_close(torch.stack(lc), torch.stack(le), rtol=rtol, atol=atol)
     pc, pe, po = dict(m_c.named_parameters()), dict(m_e.named_parameters()), dict(original.named_parameters())
     for name in pc:
