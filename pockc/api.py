@@ -22,6 +22,7 @@ from pockc.passes.insert_optimizer import insert_optimizer
 from pockc.passes.plan_memory import plan_memory, plan_memory_then
 from pockc.passes.pointwise_conv import pointwise_conv
 from pockc.passes.fuse_ce_backward import fuse_ce_backward
+from pockc.passes.fuse_linear_ce import fuse_linear_ce
 from pockc.passes.prune_backward import prune_backward
 from pockc.passes.schedule_memory import schedule_memory
 from pockc.passes.schedule_updates import schedule_updates
@@ -70,13 +71,18 @@ def run_passes(gm, stages):
 
 
 def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule: bool = True,
-                accumulate: int = 1, max_grad_norm=None):
+                accumulate: int = 1, max_grad_norm=None, head_chunk_rows=None):
     """The pipeline: trace the joint graph, prune it, add the optimizer, schedule. With
     ``accumulate`` > 1 the graph accumulates gradients and ``gm.meta["pockc.apply"]`` is the
-    program that applies them (passes/insert_optimizer.py)."""
+    program that applies them (passes/insert_optimizer.py). ``head_chunk_rows``: tokens per chunk
+    of the fused output layer + cross-entropy (passes/fuse_linear_ce.py); None: about 8 MiB of
+    float32 logits per chunk; 0: no fusion."""
     gm, layout = trace_joint(model, loss_fn, batch, plan)                 # forward + needed backward
+    fuse_head = [] if head_chunk_rows == 0 else [
+        ("fuse_linear_ce", lambda g: fuse_linear_ce(g, min_classes=1024, chunk_rows=head_chunk_rows))]
     gm = run_passes(gm, [
         ("prune_backward", lambda g: prune_backward(g, layout)),         # channel slices, masks, DCE
+    ] + fuse_head + [                                                    # head + loss in chunks, no logits
         ("fuse_ce_backward", lambda g: fuse_ce_backward(g, min_classes=1024)),                           # CE grad in place over log-probs
         ("fold_batchnorm", lambda g: fold_batchnorm(g, layout)),        # frozen eval BN into its conv
         ("channels_last", lambda g: channels_last(g, layout)),          # NHWC activations on CPU
@@ -114,8 +120,13 @@ def plan_step_memory(gm, layout):
     return plan_memory(gm, layout) if apply is None else plan_memory_then(gm, apply, layout)
 
 
-def check_training_options(accumulate, max_grad_norm, num_items):
-    """CompileError for a bad ``accumulate`` / ``max_grad_norm`` / ``num_items``."""
+def check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows=None):
+    """CompileError for a bad ``accumulate`` / ``max_grad_norm`` / ``num_items`` /
+    ``head_chunk_rows``."""
+    if head_chunk_rows is not None and (isinstance(head_chunk_rows, bool) or not isinstance(head_chunk_rows, int)
+                                        or head_chunk_rows < 0):
+        raise CompileError(f"head_chunk_rows must be a whole number of tokens >= 1, 0 (no fusion) or None "
+                           f"(chosen by pockc), got {head_chunk_rows!r}")
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise CompileError(f"accumulate must be a whole number of micro-batches >= 1, got {accumulate!r}")
     if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
@@ -133,7 +144,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             *, budget=None, verbose: bool = False, backend: str | None = None, scores=None,
             max_layers: int = 12, remat: str = "auto", device_profile=None,
             objective: str | None = None, accumulate: int = 1, max_grad_norm: float | None = None,
-            num_items=None) -> TrainStep:
+            num_items=None, head_chunk_rows: int | None = None) -> TrainStep:
     """Compile one training step of ``model``.
 
     ``update`` is a preset (``"full"``, ``"bias"``, ``"last:K"``, ``"head"``; join with ``+``), a
@@ -198,10 +209,11 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     ['2.bias', '2.weight']
     """
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
-    check_training_options(accumulate, max_grad_norm, num_items)
+    check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows)
     if num_items is not None:
         check_num_items(num_items, batch)
     opts = {"accumulate": accumulate, "max_grad_norm": max_grad_norm}
+    gopts = dict(opts, head_chunk_rows=head_chunk_rows)
     if scores is not None:
         from pockc.scoring import check_scores_match
         check_scores_match(scores, model)          # scores measured on another model are an error
@@ -224,10 +236,10 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     selection, built = None, {}
     if update is None and budget_bytes is not None:
         def plan_peak(p, final=True):
-            key = (_probe_key(model, loss_fn, batch, optimizer), p.to_json(), tuple(opts.items()))
+            key = (_probe_key(model, loss_fn, batch, optimizer), p.to_json(), tuple(gopts.items()))
             if not final and key in _PROBE_CACHE:
                 return _PROBE_CACHE[key]
-            g, lay = build_graph(model, loss_fn, batch, p, optimizer, schedule=final, **opts)
+            g, lay = build_graph(model, loss_fn, batch, p, optimizer, schedule=final, **gopts)
             mem = plan_step_memory(g, lay)
             peak = mem.required_bytes   # peak, or the arena if larger
             if final:
@@ -250,8 +262,11 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     if plan.to_json() in built:                      # the selected plan, compiled and planned already
         gm, layout, mem = built[plan.to_json()]
     else:
-        gm, layout = build_graph(model, loss_fn, batch, plan, optimizer, **opts)
+        gm, layout = build_graph(model, loss_fn, batch, plan, optimizer, **gopts)
         mem = plan_step_memory(gm, layout)
+    if budget_bytes is not None and mem.required_bytes > budget_bytes and head_chunk_rows is None:
+        gm, layout, mem, gopts = _fit_head_chunks(model, loss_fn, batch, plan, optimizer, gopts, gm, layout, mem,
+                                                  budget_bytes)
     remat_report = None
     step_backend = _backends.check_backend(backend) or _backends.default_backend(_backends.device_of(batch))
     if step_backend != "aten" and any(n.target in _backends.GRAD_MODE_OPS for n in gm.graph.nodes):
@@ -285,7 +300,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
                       stacklevel=2)
 
     def recompile(new_batch, opt):
-        g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, opt, **opts)
+        g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, opt, **gopts)
         if lay.to_dict() != layout.to_dict():
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "inputs (a submodule with other parameters?); compile again")
@@ -301,6 +316,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     step.budget = budget_bytes
     step.selection = selection
     step.remat = remat_report
+    step.fused_head = gm.meta.get("pockc.fused_head", [])   # passes/fuse_linear_ce.py: rows, vocab, chunks
     step.compile_seconds = time.perf_counter() - t0
     if verbose:
         print(plan.table())
@@ -308,6 +324,24 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             print(remat_report.table())
         print(f"compiled in {step.compile_seconds:.2f}s, {len(gm.graph.nodes)} graph nodes")
     return step
+
+
+def _fit_head_chunks(model, loss_fn, batch, plan, optimizer, gopts, gm, layout, mem, budget_bytes):
+    """Over the budget with a fused output layer + loss (passes/fuse_linear_ce.py): halve its
+    chunk of tokens until the step fits, or chunks of one token. Returns the graph, layout, plan
+    and options of the largest chunk that fits (fewer, larger chunks are faster), else of the
+    smallest peak."""
+    best = (mem.required_bytes, gm, layout, mem, gopts)
+    fused = gm.meta.get("pockc.fused_head")
+    rows = min(f["chunk_rows"] for f in fused) if fused else 0
+    while rows > 1 and best[0] > budget_bytes:
+        rows //= 2
+        opts = dict(gopts, head_chunk_rows=rows)
+        g, lay = build_graph(model, loss_fn, batch, plan, optimizer, **opts)
+        m = plan_step_memory(g, lay)
+        if m.required_bytes < best[0]:
+            best = (m.required_bytes, g, lay, m, opts)
+    return best[1:]
 
 
 def check_num_items(num_items, batch):

@@ -185,7 +185,7 @@ class FinetuneStep(TrainStep):
 def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | None = None, layers=None,
              update=None, optimizer=None, *, adapter=None, capture: str = "auto",
              verbose: bool = False, accumulate: int = 1, max_grad_norm: float | None = None,
-             num_items=None) -> FinetuneStep:
+             num_items=None, head_chunk_rows: int | None = None) -> FinetuneStep:
     """Compile a fine-tuning step: LoRA adapters and/or partial updates, limited to ``layers``.
 
     ``lora``: a :class:`LoraConfig` (PEFT's names); adapters go on the matching ``nn.Linear``
@@ -203,6 +203,9 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
 
     ``accumulate``, ``max_grad_norm``, ``num_items``: gradient accumulation over K calls (the loss
     normalized over the items of all K micro-batches) and clipping, as in :func:`pockc.compile`.
+    ``head_chunk_rows``: tokens per chunk of the fused output layer + cross-entropy (the full
+    logits never exist; ``step.fused_head`` reports it); None: about 8 MiB of float32 logits per
+    chunk; 0: no fusion.
 
     >>> import pockc
     >>> from pockc import zoo
@@ -217,7 +220,7 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     ['layers.2.q_proj.lora_A', 'layers.2.q_proj.lora_B']
     """
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
-    check_training_options(accumulate, max_grad_norm, num_items)
+    check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows)
     if num_items is not None:
         check_num_items(num_items, batch)
     if capture not in CAPTURES:
@@ -246,7 +249,7 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     try:
         step = _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected,
                       adapters, t0, saved_rules, opts={"accumulate": accumulate, "max_grad_norm": max_grad_norm},
-                      num_items=num_items)
+                      num_items=num_items, head_chunk_rows=head_chunk_rows)
     except BaseException:
         if saved is not None:  # leave the user's model as it was
             remove_lora(model, {n.rpartition(".")[0] for n in new})
@@ -343,8 +346,9 @@ def _capture(model, loss_fn, batch, capture):
 
 
 def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected, adapters, t0,
-           saved_rules=None, opts=None, num_items=None):
+           saved_rules=None, opts=None, num_items=None, head_chunk_rows=None):
     opts = opts or {}      # accumulate=, max_grad_norm= (pockc.compile's)
+    gopts = dict(opts, head_chunk_rows=head_chunk_rows)
     traced_fn, order, used = _capture(model, loss_fn, batch, capture)
     scope = _scope(model, blocks, selected, order)
     if update is None:
@@ -365,12 +369,12 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
         if not params[n].is_floating_point():
             raise PlanError(f"parameter {n!r} has dtype {params[n].dtype} and cannot be trained")
     try:
-        gm, layout = build_graph(model, traced_fn, batch, plan, optimizer, **opts)
+        gm, layout = build_graph(model, traced_fn, batch, plan, optimizer, **gopts)
     except CompileError:
         if capture != "auto" or used != "make_fx":
             raise
         traced_fn, order, used = *export_loss(model, loss_fn, batch), "export"
-        gm, layout = build_graph(model, traced_fn, batch, plan, optimizer, **opts)
+        gm, layout = build_graph(model, traced_fn, batch, plan, optimizer, **gopts)
     if layout.unused:
         warnings.warn(f"pockc: trained parameters with no path to the loss get no update: {layout.unused}",
                       stacklevel=3)
@@ -379,7 +383,7 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     def recompile(new_batch, opt):
         new_batch = tuple(new_batch)
         fn = export_loss(model, loss_fn, new_batch)[0] if how == "export" else loss_fn
-        g, lay = build_graph(model, fn, new_batch, plan, opt, **opts)
+        g, lay = build_graph(model, fn, new_batch, plan, opt, **gopts)
         if lay.to_dict() != layout.to_dict():
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "inputs; call finetune again")
@@ -390,6 +394,7 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     step.memory = StepMemory(step, plan_step_memory(gm, layout), gm.meta.get("pockc.peak_before"),
                              gm.meta.get("pockc.schedule"))
     step.lora_config = lora
+    step.fused_head = gm.meta.get("pockc.fused_head", [])
     step.capture = used
     step.layers = layers
     step.compile_seconds = time.perf_counter() - t0

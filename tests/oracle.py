@@ -30,13 +30,13 @@ def eager_steps(model, loss_fn, batches, plan, opt: pockc.Optimizer):
     return reference.train(model, loss_fn, batches, rows, opt)
 
 
-def compiled_and_eager(example, update, opt, steps=3, batches=None, seed=0, vary_batches=True):
+def compiled_and_eager(example, update, opt, steps=3, batches=None, seed=0, vary_batches=True, **compile_kw):
     """Run ``steps`` compiled steps and ``steps`` eager steps from identical copies of the model.
     Returns (compiled model, eager model, original model, step, compiled losses, eager losses).
 
     ``batches=None``: ``steps`` distinct batches derived from the example batch (same shapes and
     dtypes, see reference.varied_batches), or the example batch repeated if ``vary_batches`` is
-    False. The eager side trains what reference.resolve makes of ``update``, and pockc's
+    False. ``compile_kw`` goes to pockc.compile. The eager side trains what reference.resolve makes of ``update``, and pockc's
     ``step.update_plan`` must agree with it parameter for parameter and row for row."""
     original = example.model
     m_c, m_e = copy.deepcopy(original), copy.deepcopy(original)
@@ -44,7 +44,7 @@ def compiled_and_eager(example, update, opt, steps=3, batches=None, seed=0, vary
         batches = (reference.varied_batches(example.example_batch, steps, seed) if vary_batches
                    else [example.example_batch] * steps)
     expected = reference.resolve(update, original, example.loss_fn, example.example_batch)
-    step = pockc.compile(m_c, example.loss_fn, example.example_batch, update=update, optimizer=opt)
+    step = pockc.compile(m_c, example.loss_fn, example.example_batch, update=update, optimizer=opt, **compile_kw)
     reference.assert_same_plan(step.update_plan, expected, f" for {getattr(example, 'name', '?')}, update={update!r}")
     torch.manual_seed(seed)
     # The first step runs under the allocator-level tracker: the memory plan equals it to the byte.
