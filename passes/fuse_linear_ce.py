@@ -219,9 +219,9 @@ def _match(logsm, min_classes):
 
 def _emit(graph, mt, chunk_rows):
     """The chunked forward, inserted before the loss; returns the replacement nodes."""
-    m, h, wt, w, b, cast, nll = mt["m"], mt["h"], mt["wt"], mt["w"], mt["b"], mt["cast"], mt["nll"]
+    m, h, wt, w, b, cast = mt["m"], mt["h"], mt["wt"], mt["w"], mt["b"], mt["cast"]
     leaves, target = mt["leaves"], mt["target"]
-    n_rows, vocab = shape(h)[0], mt["vocab"]
+    n_rows = shape(h)[0]
     head_dtype = m.meta["val"].dtype
     need_h, need_w, need_b = bool(leaves["grad_h"]), bool(leaves["grad_w"] or leaves["grad_wt"]), bool(leaves["grad_b"])
     acc = torch.float32 if head_dtype in (torch.float16, torch.bfloat16) else head_dtype
@@ -292,7 +292,7 @@ def fuse_linear_ce(gm: fx.GraphModule, min_classes: int = 1024, chunk_rows: int 
             out, count, g_h, g_w, g_b = _emit(graph, mt, rows)
         for u in list(mt["nll"].users):
             u.replace_all_uses_with(out if u.args[1] == 0 else count)
-        lb, nb = mt["lb"], mt["nb"]
+        lb = mt["lb"]
         with graph.inserting_before(lb):
             coef = call(graph, aten.div.Tensor, (mt["gout"], count), meta_from=lb) if mt["reduction"] == 1 \
                 else mt["gout"]
