@@ -5,17 +5,19 @@ Llama's 32000 tokens and 2 x 256 tokens that is a [512 x 32000] logits tensor (6
 float32), its log-probabilities and its gradient, the largest tensors of the whole step. This pass
 rewrites the joint graph so none of them exists: for each chunk of ``chunk_rows`` tokens the
 forward computes the chunk's logits, their log-sum-exp, the chunk's loss and the gradient of the
-*summed* loss with respect to the chunk's hidden state (and to the head's weight and bias when
-they are trained), then frees the chunk. The backward only scales those gradients by the loss's
-incoming gradient (``gout / total_weight`` for a mean, ``gout`` for a sum): the cross-entropy
-gradient is linear in it. This is the technique of Liger Kernel's fused linear cross-entropy and
+loss with respect to the chunk's hidden state (and to the head's weight and bias when they are
+trained), then frees the chunk. A mean's ``1 / total_weight`` is known in the forward (it counts
+the targets that are not ``ignore_index``) and is applied where the unfused backward applies it,
+before the casts and matmuls; the backward only scales the gradients by the loss's incoming
+gradient ``gout`` (1 for a plain loss): the cross-entropy gradient is linear in it. This is the technique of Liger Kernel's fused linear cross-entropy and
 torchtune's chunked loss, written as ordinary aten ops (slices, mm, logsumexp, gather,
 scatter_add_, cat) so the memory planner sees every buffer, and it runs on torch 2.11 too.
 
 Per chunk of rows ``s:e``:  ``z = h[s:e] @ W.T (+ b)`` (in the head's dtype, then cast to the
 loss's dtype as the unfused graph casts the logits: Hugging Face upcasts them to float32),
 ``lse = logsumexp(z)``, ``loss += sum(valid * (lse - z[target]))``, ``p = exp(z - lse)`` in place,
-``p[target] -= 1``, ``p *= valid``; ``G_h[s:e] = p @ W`` and ``G_W += p.T @ h[s:e]``,
+``p *= w`` and ``p[target] -= w`` with ``w = valid / total_weight`` (``valid`` for a sum), the
+unfused backward's arithmetic; ``G_h[s:e] = p @ W`` and ``G_W += p.T @ h[s:e]``,
 ``G_b += p.sum(0)`` when used. The chunk holds two [chunk_rows x vocab] buffers at most (the
 head's output and its float32 copy), once.
 
@@ -32,7 +34,8 @@ through the inverse reshapes, only ``mm(g, W)`` (the hidden state's gradient), `
 op (an accuracy), class weights, label smoothing, a LoRA adapter on the head, logits sliced
 before the loss -- is left alone; passes/fuse_ce_backward.py then still removes the backward's
 dense temporaries. Invariant: the graph's outputs are unchanged in value (to rounding: the
-gradient is scaled after the chunk's matmul instead of before it).
+log-sum-exp kernel, the weight's gradient summed chunk by chunk, and ``gout`` applied after the
+matmuls rather than before).
 """
 from __future__ import annotations
 
@@ -230,7 +233,10 @@ def _emit(graph, mt, chunk_rows):
     safe_t = c(aten.where.ScalarOther, (valid, target, 0))
     count = c(aten._to_copy.default, (c(aten.sum.default, (valid,)),), {"dtype": cast})
     valid_f = c(aten.unsqueeze.default, (c(aten._to_copy.default, (valid,), {"dtype": cast}), 1))   # [N, 1]
-    neg_valid = c(aten.neg.default, (valid_f,))
+    # per-row weight of the gradient: 1/total_weight for a mean (known here, from the targets),
+    # as the unfused backward scales before its casts and matmuls; the backward multiplies by gout
+    weight = c(aten.div.Tensor, (valid_f, count)) if mt["reduction"] == 1 else valid_f
+    neg_weight = c(aten.neg.default, (weight,))
     safe_t = c(aten.unsqueeze.default, (safe_t, 1))                                                    # [N, 1]
     loss = g_w = g_b = None
     g_h = []
@@ -242,14 +248,15 @@ def _emit(graph, mt, chunk_rows):
             z = c(aten._to_copy.default, (z,), {"dtype": cast})
         t_c = c(aten.slice.Tensor, (safe_t, 0, s, e))
         v_c = c(aten.slice.Tensor, (valid_f, 0, s, e))
+        w_c = c(aten.slice.Tensor, (weight, 0, s, e)) if weight is not valid_f else v_c
         lse = c(aten.logsumexp.default, (z, [1], True))                       # [c, 1]
         picked = c(aten.gather.default, (z, 1, t_c))                          # [c, 1]
         rows = c(aten.mul.Tensor, (c(aten.sub.Tensor, (lse, picked)), v_c))
         part = c(aten.sum.default, (rows,))
         loss = part if loss is None else c(aten.add.Tensor, (loss, part))
         p = c(aten.exp_.default, (c(aten.sub_.Tensor, (z, lse)),))             # softmax, in place
-        p = c(aten.scatter_add_.default, (p, 1, t_c, c(aten.slice.Tensor, (neg_valid, 0, s, e))))
-        p = c(aten.mul_.Tensor, (p, v_c))                                     # d(sum loss)/dz
+        p = c(aten.mul_.Tensor, (p, w_c))                                     # d(loss)/dz, as in
+        p = c(aten.scatter_add_.default, (p, 1, t_c, c(aten.slice.Tensor, (neg_weight, 0, s, e))))  # the unfused op
         if p.meta["val"].dtype != head_dtype:
             p = c(aten._to_copy.default, (p,), {"dtype": head_dtype})
         if need_h:
@@ -292,10 +299,7 @@ def fuse_linear_ce(gm: fx.GraphModule, min_classes: int = 1024, chunk_rows: int 
             out, count, g_h, g_w, g_b = _emit(graph, mt, rows)
         for u in list(mt["nll"].users):
             u.replace_all_uses_with(out if u.args[1] == 0 else count)
-        lb = mt["lb"]
-        with graph.inserting_before(lb):
-            coef = call(graph, aten.div.Tensor, (mt["gout"], count), meta_from=lb) if mt["reduction"] == 1 \
-                else mt["gout"]
+        coef = mt["gout"]          # the chunks' gradients are d(loss)/d(...): scale by the loss's gradient
         leaves = mt["leaves"]
         readers = {"grad_h": len(leaves["grad_h"]), "grad_w": len(leaves["grad_w"]) + len(leaves["grad_wt"]),
                    "grad_b": len(leaves["grad_b"])}

@@ -27,6 +27,7 @@ from pockc.passes.prune_backward import prune_backward
 from pockc.passes.schedule_memory import schedule_memory
 from pockc.passes.schedule_updates import schedule_updates
 from pockc.plan import UpdatePlan, resolve_update
+from pockc.precision import apply_precision, autocast_loss, check_precision
 from pockc.runtime import backends as _backends
 from pockc.runtime.batch import batch_tensors
 from pockc.runtime.optim import SGD, Optimizer
@@ -144,7 +145,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             *, budget=None, verbose: bool = False, backend: str | None = None, scores=None,
             max_layers: int = 12, remat: str = "auto", device_profile=None,
             objective: str | None = None, accumulate: int = 1, max_grad_norm: float | None = None,
-            num_items=None, head_chunk_rows: int | None = None) -> TrainStep:
+            num_items=None, head_chunk_rows: int | None = None, precision: str = "fp32") -> TrainStep:
     """Compile one training step of ``model``.
 
     ``update`` is a preset (``"full"``, ``"bias"``, ``"last:K"``, ``"head"``; join with ``+``), a
@@ -192,6 +193,14 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     the memory plan holds the gradients until then. ``step.last_grad_norm`` is the norm before
     clipping of the latest update.
 
+    ``head_chunk_rows``: tokens per chunk of the fused output layer + cross-entropy
+    (passes/fuse_linear_ce.py: the full logits never exist; ``step.fused_head`` reports it);
+    default: about 8 MiB of float32 logits per chunk, halved while the step is over ``budget``;
+    0: no fusion.
+    ``precision``: ``"fp32"`` (default: the model's own dtypes) or ``"bf16"`` (pockc/precision.py):
+    the frozen weights are converted to bfloat16 in the model, trained tensors stay float32 master
+    copies with float32 optimizer state, and the loss is traced under bfloat16 autocast.
+
     ``backend``: ``"aten"`` runs the emitted FX program op by op (the default on every device,
     see runtime/backends.py); ``"inductor"`` lowers it through torch._inductor on the first call
     (tens of seconds of compile time, fused kernels after). On CPU with several threads, set
@@ -212,6 +221,8 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows)
     if num_items is not None:
         check_num_items(num_items, batch)
+    precision = check_precision(precision)
+    loss_fn = autocast_loss(loss_fn, precision, batch)
     opts = {"accumulate": accumulate, "max_grad_norm": max_grad_norm}
     gopts = dict(opts, head_chunk_rows=head_chunk_rows)
     if scores is not None:
@@ -259,7 +270,29 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
         plan = selection.plan
     else:
         plan = resolve_update("full" if update is None else update, model, order)
-    if plan.to_json() in built:                      # the selected plan, compiled and planned already
+    restore = apply_precision(model, set(plan.trainable_names()), precision)
+    try:
+        step = _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, budget_bytes, update, remat,
+                             cost_model, backend, example_batch, num_items, precision)
+    except BaseException:
+        restore()      # the model as it was
+        raise
+    step.selection = selection
+    step.compile_seconds = time.perf_counter() - t0
+    if verbose:
+        print(plan.table())
+        if step.remat is not None:
+            print(step.remat.table())
+        print(f"compiled in {step.compile_seconds:.2f}s, {len(step.graph.graph.nodes)} graph nodes")
+    return step
+
+
+def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, budget_bytes, update, remat, cost_model,
+                  backend, example_batch, num_items, precision):
+    """compile's second half: the step of the resolved ``plan`` (remat and head chunks to fit the budget)."""
+    accumulate = opts["accumulate"]
+    head_chunk_rows = gopts["head_chunk_rows"]
+    if plan.to_json() in built and precision == "fp32":   # the selected plan, compiled and planned already
         gm, layout, mem = built[plan.to_json()]
     else:
         gm, layout = build_graph(model, loss_fn, batch, plan, optimizer, **gopts)
@@ -314,15 +347,9 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     step.backend = step_backend
     step.memory = StepMemory(step, mem, gm.meta.get("pockc.peak_before"), gm.meta.get("pockc.schedule"))
     step.budget = budget_bytes
-    step.selection = selection
     step.remat = remat_report
     step.fused_head = gm.meta.get("pockc.fused_head", [])   # passes/fuse_linear_ce.py: rows, vocab, chunks
-    step.compile_seconds = time.perf_counter() - t0
-    if verbose:
-        print(plan.table())
-        if remat_report is not None:
-            print(remat_report.table())
-        print(f"compiled in {step.compile_seconds:.2f}s, {len(gm.graph.nodes)} graph nodes")
+    step.precision = precision
     return step
 
 

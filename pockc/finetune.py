@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from pockc.api import _check_inputs, build_graph, check_num_items, check_training_options, plan_step_memory
+from pockc.precision import apply_precision, autocast_loss, check_precision
 from pockc.capture import export_loss
 from pockc.errors import CompileError, PlanError
 from pockc.lora import (Adapter, LoraConfig, adapter_param_names, apply_adapter, attach_lora, match_targets,
@@ -185,7 +186,7 @@ class FinetuneStep(TrainStep):
 def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | None = None, layers=None,
              update=None, optimizer=None, *, adapter=None, capture: str = "auto",
              verbose: bool = False, accumulate: int = 1, max_grad_norm: float | None = None,
-             num_items=None, head_chunk_rows: int | None = None) -> FinetuneStep:
+             num_items=None, head_chunk_rows: int | None = None, precision: str = "fp32") -> FinetuneStep:
     """Compile a fine-tuning step: LoRA adapters and/or partial updates, limited to ``layers``.
 
     ``lora``: a :class:`LoraConfig` (PEFT's names); adapters go on the matching ``nn.Linear``
@@ -206,6 +207,10 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     ``head_chunk_rows``: tokens per chunk of the fused output layer + cross-entropy (the full
     logits never exist; ``step.fused_head`` reports it); None: about 8 MiB of float32 logits per
     chunk; 0: no fusion.
+    ``precision="bf16"``: the frozen weights (the base model) are converted to bfloat16 in
+    ``model``, the trained tensors (LoRA adapters, trained layers) stay float32 master copies with
+    float32 optimizer state, and the loss is traced under bfloat16 autocast (pockc/precision.py):
+    what users run with PEFT on a bf16 base model. ``"fp32"`` (default): the model's own dtypes.
 
     >>> import pockc
     >>> from pockc import zoo
@@ -223,6 +228,7 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows)
     if num_items is not None:
         check_num_items(num_items, batch)
+    precision = check_precision(precision)
     if capture not in CAPTURES:
         raise CompileError(f"capture={capture!r}: use one of {', '.join(CAPTURES)}")
     if lora is not None and not isinstance(lora, LoraConfig):
@@ -249,7 +255,7 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     try:
         step = _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected,
                       adapters, t0, saved_rules, opts={"accumulate": accumulate, "max_grad_norm": max_grad_norm},
-                      num_items=num_items, head_chunk_rows=head_chunk_rows)
+                      num_items=num_items, head_chunk_rows=head_chunk_rows, precision=precision)
     except BaseException:
         if saved is not None:  # leave the user's model as it was
             remove_lora(model, {n.rpartition(".")[0] for n in new})
@@ -346,7 +352,7 @@ def _capture(model, loss_fn, batch, capture):
 
 
 def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected, adapters, t0,
-           saved_rules=None, opts=None, num_items=None, head_chunk_rows=None):
+           saved_rules=None, opts=None, num_items=None, head_chunk_rows=None, precision="fp32"):
     opts = opts or {}      # accumulate=, max_grad_norm= (pockc.compile's)
     gopts = dict(opts, head_chunk_rows=head_chunk_rows)
     traced_fn, order, used = _capture(model, loss_fn, batch, capture)
@@ -368,16 +374,34 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     for n in plan.trainable_names():
         if not params[n].is_floating_point():
             raise PlanError(f"parameter {n!r} has dtype {params[n].dtype} and cannot be trained")
+    restore = apply_precision(model, set(plan.trainable_names()), precision)
+    try:
+        step = _build_plan(model, loss_fn, batch, plan, optimizer, capture, traced_fn, used, gopts, opts, num_items,
+                           precision)
+    except BaseException:
+        restore()     # the model's dtypes as they were
+        raise
+    step.lora_config = lora
+    step.layers = layers
+    step.compile_seconds = time.perf_counter() - t0
+    return step
+
+
+def _build_plan(model, loss_fn, batch, plan, optimizer, capture, traced_fn, used, gopts, opts, num_items, precision):
+    """The FinetuneStep of ``plan`` (the model already in its ``precision``)."""
+    loss_fn = autocast_loss(loss_fn, precision, batch)
+    if precision != "fp32":            # trace again under autocast, with the converted weights
+        traced_fn = export_loss(model, loss_fn, batch)[0] if used == "export" else loss_fn
     try:
         gm, layout = build_graph(model, traced_fn, batch, plan, optimizer, **gopts)
     except CompileError:
         if capture != "auto" or used != "make_fx":
             raise
-        traced_fn, order, used = *export_loss(model, loss_fn, batch), "export"
+        traced_fn, _, used = *export_loss(model, loss_fn, batch), "export"
         gm, layout = build_graph(model, traced_fn, batch, plan, optimizer, **gopts)
     if layout.unused:
         warnings.warn(f"pockc: trained parameters with no path to the loss get no update: {layout.unused}",
-                      stacklevel=3)
+                      stacklevel=4)
     how = used
 
     def recompile(new_batch, opt):
@@ -393,9 +417,7 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     # The planned memory of the step, as pockc.compile reports it (step.memory.peak_bytes, ...).
     step.memory = StepMemory(step, plan_step_memory(gm, layout), gm.meta.get("pockc.peak_before"),
                              gm.meta.get("pockc.schedule"))
-    step.lora_config = lora
     step.fused_head = gm.meta.get("pockc.fused_head", [])
+    step.precision = precision
     step.capture = used
-    step.layers = layers
-    step.compile_seconds = time.perf_counter() - t0
     return step
