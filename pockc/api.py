@@ -76,7 +76,7 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
     """The pipeline: trace the joint graph, prune it, add the optimizer, schedule. With
     ``accumulate`` > 1 the graph accumulates gradients and ``gm.meta["pockc.apply"]`` is the
     program that applies them (passes/insert_optimizer.py). ``head_chunk_rows``: tokens per chunk
-    of the fused output layer + cross-entropy (passes/fuse_linear_ce.py); None: about 8 MiB of
+    of the fused output layer + cross-entropy (passes/fuse_linear_ce.py); None: about 16 MiB of
     float32 logits per chunk; 0: no fusion."""
     gm, layout = trace_joint(model, loss_fn, batch, plan)                 # forward + needed backward
     fuse_head = [] if head_chunk_rows == 0 else [
@@ -195,7 +195,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
 
     ``head_chunk_rows``: tokens per chunk of the fused output layer + cross-entropy
     (passes/fuse_linear_ce.py: the full logits never exist; ``step.fused_head`` reports it);
-    default: about 8 MiB of float32 logits per chunk, halved while the step is over ``budget``;
+    default: about 16 MiB of float32 logits per chunk, halved while the step is over ``budget``;
     0: no fusion.
     ``precision``: ``"fp32"`` (default: the model's own dtypes) or ``"bf16"`` (pockc/precision.py):
     the frozen weights are converted to bfloat16 in the model, trained tensors stay float32 master

@@ -205,7 +205,7 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     ``accumulate``, ``max_grad_norm``, ``num_items``: gradient accumulation over K calls (the loss
     normalized over the items of all K micro-batches) and clipping, as in :func:`pockc.compile`.
     ``head_chunk_rows``: tokens per chunk of the fused output layer + cross-entropy (the full
-    logits never exist; ``step.fused_head`` reports it); None: about 8 MiB of float32 logits per
+    logits never exist; ``step.fused_head`` reports it); None: about 16 MiB of float32 logits per
     chunk; 0: no fusion.
     ``precision="bf16"``: the frozen weights (the base model) are converted to bfloat16 in
     ``model``, the trained tensors (LoRA adapters, trained layers) stay float32 master copies with

@@ -149,3 +149,19 @@ def test_bad_precision_is_an_error():
     for bad in ("fp16", "bfloat16", 16):
         with pytest.raises(CompileError, match="precision must be 'fp32'"):
             pockc.compile(model, lm_loss, tiny_lm_batch(), precision=bad)
+
+
+def test_cli_precision_bf16_saves_a_step_that_loads(tmp_path, capsys):
+    from pockc.cli import main
+    from tests.test_accumulate import CLI_TASK
+    f = tmp_path / "task.py"
+    f.write_text(CLI_TASK)
+    rc = main(["compile", str(f), "--update", "last:1", "--precision", "bf16", "--steps", "2", "-o", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    loaded = pockc.load(tmp_path / "o" / "step")
+    dtypes = {n: p.dtype for n, p in loaded.model.named_parameters()}
+    assert dtypes == {"0.weight": torch.bfloat16, "0.bias": torch.bfloat16,
+                      "2.weight": torch.float32, "2.bias": torch.float32}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+    assert torch.isfinite(loaded(x, y))
