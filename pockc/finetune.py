@@ -24,6 +24,8 @@ import warnings
 import torch
 
 from pockc.api import _check_inputs, build_graph, check_num_items, check_training_options, plan_step_memory
+from pockc.runtime import backends as _backends
+from pockc.runtime.batch import batch_tensors
 from pockc.precision import apply_precision, autocast_loss, check_precision
 from pockc.capture import export_loss
 from pockc.errors import CompileError, PlanError
@@ -186,7 +188,8 @@ class FinetuneStep(TrainStep):
 def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | None = None, layers=None,
              update=None, optimizer=None, *, adapter=None, capture: str = "auto",
              verbose: bool = False, accumulate: int = 1, max_grad_norm: float | None = None,
-             num_items=None, head_chunk_rows: int | None = None, precision: str = "fp32") -> FinetuneStep:
+             num_items=None, head_chunk_rows: int | None = None, precision: str = "fp32",
+             backend: str | None = None) -> FinetuneStep:
     """Compile a fine-tuning step: LoRA adapters and/or partial updates, limited to ``layers``.
 
     ``lora``: a :class:`LoraConfig` (PEFT's names); adapters go on the matching ``nn.Linear``
@@ -211,6 +214,8 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     ``model``, the trained tensors (LoRA adapters, trained layers) stay float32 master copies with
     float32 optimizer state, and the loss is traced under bfloat16 autocast (pockc/precision.py):
     what users run with PEFT on a bf16 base model. ``"fp32"`` (default): the model's own dtypes.
+    ``backend``: ``"aten"`` (the default) or ``"inductor"`` (lowered through torch._inductor on
+    the first call: tens of seconds, fused kernels after), as in :func:`pockc.compile`.
 
     >>> import pockc
     >>> from pockc import zoo
@@ -229,6 +234,8 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     if num_items is not None:
         check_num_items(num_items, batch)
     precision = check_precision(precision)
+    if backend is not None and backend not in _backends.BACKENDS:
+        raise CompileError(f"unknown backend {backend!r}; use one of: {', '.join(_backends.BACKENDS)}")
     if capture not in CAPTURES:
         raise CompileError(f"capture={capture!r}: use one of {', '.join(CAPTURES)}")
     if lora is not None and not isinstance(lora, LoraConfig):
@@ -255,7 +262,7 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     try:
         step = _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected,
                       adapters, t0, saved_rules, opts={"accumulate": accumulate, "max_grad_norm": max_grad_norm},
-                      num_items=num_items, head_chunk_rows=head_chunk_rows, precision=precision)
+                      num_items=num_items, head_chunk_rows=head_chunk_rows, precision=precision, backend=backend)
     except BaseException:
         if saved is not None:  # leave the user's model as it was
             remove_lora(model, {n.rpartition(".")[0] for n in new})
@@ -352,7 +359,7 @@ def _capture(model, loss_fn, batch, capture):
 
 
 def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected, adapters, t0,
-           saved_rules=None, opts=None, num_items=None, head_chunk_rows=None, precision="fp32"):
+           saved_rules=None, opts=None, num_items=None, head_chunk_rows=None, precision="fp32", backend=None):
     opts = opts or {}      # accumulate=, max_grad_norm= (pockc.compile's)
     gopts = dict(opts, head_chunk_rows=head_chunk_rows)
     traced_fn, order, used = _capture(model, loss_fn, batch, capture)
@@ -381,6 +388,12 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     except BaseException:
         restore()     # the model's dtypes as they were
         raise
+    step.backend = _backends.check_backend(backend) or _backends.default_backend(
+        _backends.device_of(batch_tensors(batch)))
+    if step.backend != "aten" and any(n.target in _backends.GRAD_MODE_OPS for n in step.graph.graph.nodes):
+        restore()
+        raise CompileError(f"the model has a recurrent layer (nn.LSTM) whose CPU kernel saves its backward's "
+                           f"workspace only in grad mode; backend {step.backend!r} cannot run it: use backend='aten'")
     step.lora_config = lora
     step.layers = layers
     step.compile_seconds = time.perf_counter() - t0

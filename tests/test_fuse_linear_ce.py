@@ -192,3 +192,22 @@ def test_bf16_head_close_to_unfused():
         losses[rows] = torch.tensor([step(*ex.example_batch).item() for _ in range(5)])
     torch.testing.assert_close(losses[7], losses[0], rtol=2e-2, atol=2e-2)
     assert losses[7][-1] < losses[7][0]
+
+
+def test_fused_head_under_inductor_matches_aten():
+    """The chunked graph (in-place ops over each chunk's logits) lowered by Inductor, through
+    finetune(backend=...), trains as the op-by-op step does."""
+    ex = example(dtype=torch.float32)
+    out = {}
+    for backend in ("aten", "inductor"):
+        m = copy.deepcopy(ex.model)
+        step = pockc.finetune(m, ex.loss_fn, ex.example_batch, update={"body.*": "full", "head.bias": "full"},
+                              optimizer=pockc.AdamW(lr=1e-2), head_chunk_rows=7, backend=backend)
+        assert step.backend == backend and step.fused_head[0]["chunks"] == 5
+        out[backend] = (torch.stack([step(*ex.example_batch) for _ in range(3)]), m.state_dict())
+    torch.testing.assert_close(out["inductor"][0], out["aten"][0], rtol=1e-5, atol=1e-5)
+    for k, v in out["aten"][1].items():
+        torch.testing.assert_close(out["inductor"][1][k], v, rtol=1e-4, atol=1e-5)
+    with pytest.raises(CompileError, match="unknown backend 'tvm'"):
+        pockc.finetune(copy.deepcopy(ex.model), ex.loss_fn, ex.example_batch, update={"body.*": "full"},
+                       backend="tvm")
