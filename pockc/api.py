@@ -106,7 +106,9 @@ def _probe_key(model, loss_fn, batch, optimizer):
     from pockc.runtime.train_step import batch_signature
     shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
     modes = tuple(m.training for m in model.modules())
-    return (type(model), repr(model), modes, id(loss_fn), shapes, batch_signature(batch), repr(optimizer))
+    user_fn = loss_fn.__wrapped__ if hasattr(loss_fn, "pockc_precision") else loss_fn   # precision="bf16"
+    return (type(model), repr(model), modes, id(user_fn), getattr(loss_fn, "pockc_precision", None), shapes,
+            batch_signature(batch), repr(optimizer))
 
 
 def _record_peak_before(gm, layout):

@@ -71,8 +71,9 @@ def autocast_loss(loss_fn, precision: str, batch):
     from pockc.runtime.batch import batch_tensors
     device_type = device_of(batch_tensors(tuple(batch)))
 
-    @functools.wraps(loss_fn)
+    @functools.wraps(loss_fn)          # __wrapped__: compile's probe cache keys on the user's function
     def bf16_loss(model, *batch):
         with torch.autocast(device_type, dtype=torch.bfloat16):
             return loss_fn(model, *batch)
+    bf16_loss.pockc_precision = precision
     return bf16_loss

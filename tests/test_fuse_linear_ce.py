@@ -211,3 +211,31 @@ def test_fused_head_under_inductor_matches_aten():
     with pytest.raises(CompileError, match="unknown backend 'tvm'"):
         pockc.finetune(copy.deepcopy(ex.model), ex.loss_fn, ex.example_batch, update={"body.*": "full"},
                        backend="tvm")
+
+
+def test_fused_head_with_recomputation_under_a_tight_budget():
+    """Below what chunking alone reaches, rematerialization recomputes saved activations of a
+    step whose head is fused (chunks of in-place ops): the trained values still equal eager's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        model = transformers.LlamaForCausalLM(cfg).double().train()
+    ids = torch.randint(0, VOCAB, (2, 48))
+
+    def loss_fn(model, ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+
+    ex = Example("hf_llama_remat", model, (ids, ids.clone()), loss_fn)
+    upd, opt = {"model.layers.0.*": "full"}, pockc.SGD(lr=0.1, momentum=0.9)
+    chunked = pockc.compile(copy.deepcopy(model), loss_fn, ex.example_batch, update=upd, optimizer=opt,
+                            head_chunk_rows=1, remat="off").memory.required_bytes
+    budget = int(0.8 * chunked)
+    m_c, m_e, orig, step, lc, le = compiled_and_eager(ex, update=upd, opt=opt, steps=3, budget=budget,
+                                                      remat="recompute")
+    assert step.fused_head and step.remat is not None and step.remat.recomputed
+    assert step.memory.required_bytes <= budget
+    torch.testing.assert_close(torch.tensor(lc, dtype=torch.float64), torch.stack(le).double(), rtol=1e-6, atol=1e-6)
+    assert_match(m_c, m_e, orig, step.update_plan, rtol=1e-5, atol=1e-7)
