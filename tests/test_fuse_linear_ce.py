@@ -62,6 +62,25 @@ def example(loss_fn=mean_loss, bias=True, seed=0, dtype=torch.float64):
     return Example("tiny_lm", model, (ids, labels), loss_fn)
 
 
+def hf_llama(hidden=32, inter=64, layers=2, positions=64, dtype=torch.float64):
+    """A random-weight Hugging Face Llama with a vocabulary the pass fuses (seeded, train mode)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=positions)
+        return transformers.LlamaForCausalLM(cfg).to(dtype).train()
+
+
+def padded_batch(ids, keep=8):
+    """A HF dict batch whose second row is padded after ``keep`` tokens (mask 0, labels -100)."""
+    mask = torch.ones_like(ids)
+    mask[1, keep:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
 def logits_sized(step, rows, hidden=16, vocab=VOCAB):
     """Nodes of the step whose value holds every token's logits (or their gradient): a vocabulary
     dimension and at least ``rows`` tokens' worth of it, other than the [vocab x hidden] head."""
@@ -152,17 +171,8 @@ def test_head_chunk_rows_is_checked():
 
 
 def test_hf_llama_labels_loss_is_fused_and_matches_eager():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        model = transformers.LlamaForCausalLM(cfg).double().train()
-    ids = torch.randint(0, VOCAB, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    model = hf_llama()
+    batch = padded_batch(torch.randint(0, VOCAB, (2, 12)))
 
     def loss_fn(model, b):
         return model(**b).loss
@@ -216,13 +226,7 @@ def test_fused_head_under_inductor_matches_aten():
 def test_fused_head_with_recomputation_under_a_tight_budget():
     """Below what chunking alone reaches, rematerialization recomputes saved activations of a
     step whose head is fused (chunks of in-place ops): the trained values still equal eager's."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-        model = transformers.LlamaForCausalLM(cfg).double().train()
+    model = hf_llama(hidden=64, inter=256, layers=3, positions=128)
     ids = torch.randint(0, VOCAB, (2, 48))
 
     def loss_fn(model, ids, labels):

@@ -9,7 +9,6 @@ compile that fails leaves the model's dtypes as they were, and a bad ``precision
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 import pockc
 from pockc.errors import CompileError
 from tests.reference import train, varied_batches
-from tests.test_fuse_linear_ce import TinyLM, VOCAB
+from tests.test_fuse_linear_ce import VOCAB, TinyLM, hf_llama, padded_batch
 
 STEPS = 20
 
@@ -82,18 +81,9 @@ def test_bf16_partial_update_matches_eager_autocast():
 
 
 def test_bf16_lora_on_hf_llama_matches_eager_autocast():
-    transformers = pytest.importorskip("transformers")
     from tests.test_lora import ref_adapters, reference_lora
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        base = transformers.LlamaForCausalLM(cfg).train()
-    ids = torch.randint(0, VOCAB, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    base = hf_llama(hidden=64, inter=128, dtype=torch.float32)
+    batch = padded_batch(torch.randint(0, VOCAB, (2, 12)))
 
     def loss_fn(model, b):
         return model(**b).loss
