@@ -192,9 +192,14 @@ class TrainStep:
             total = self.pending_items + items
             scalars[ACCUM_ITEMS] = float(items)
             scalars[ACCUM_INV] = 1.0 / total if total else 0.0
-        return (tensors + [self.state[k] for k in map(tuple, lay.state)]
-                + [torch.tensor(scalars[s], dtype=torch.float64) for s in lay.scalars]
-                + batch_tensors(batch))
+        # the scalar inputs (lr, bias corrections, accumulation weights) live in tensors of the step,
+        # refilled each call: a call allocates nothing of its own before the program runs
+        held = getattr(self, "_scalar_inputs", None)
+        if held is None or len(held) != len(lay.scalars):
+            held = self._scalar_inputs = [torch.zeros((), dtype=torch.float64) for _ in lay.scalars]
+        for t, s in zip(held, lay.scalars):
+            t.fill_(scalars[s])
+        return tensors + [self.state[k] for k in map(tuple, lay.state)] + list(held) + batch_tensors(batch)
 
     def __call__(self, *batch):
         with self._lock, _DeferInterrupt():

@@ -425,3 +425,26 @@ def test_hugging_face_loss_with_padding_and_lora():
     assert_trained_like(model, m_e, base, rows, rtol=1e-6, atol=1e-9)   # HF's RMSNorm computes in float32
     c, e, a = (dict(m.named_parameters())["model.layers.1.self_attn.v_proj.lora_B"] for m in (model, m_e, m_avg))
     assert (c - a).abs().max() > 100 * (c - e).abs().max()
+
+
+def test_a_cycle_peaks_no_higher_than_one_plain_step():
+    """The accumulation buffers are resident and a call allocates nothing of its own before its
+    program (the scalar inputs are the step's tensors, refilled): K micro-batches of a K=8 step
+    peak, at the allocator, exactly where one K=1 step on the same micro-batch does."""
+    from pockc.runtime.memory import measure_allocator_peak
+    from tests.test_fuse_linear_ce import example
+    ex = example(dtype=torch.float32)
+    peaks = {}
+    for k in (1, 8):
+        m = copy.deepcopy(ex.model)
+        step = pockc.compile(m, ex.loss_fn, ex.example_batch, update={"body.*": "full"},
+                             optimizer=pockc.AdamW(lr=1e-3), accumulate=k)
+        for _ in range(k):                      # first cycle: state made, programs built
+            step(*ex.example_batch)
+
+        def cycle():
+            for _ in range(k):
+                step(*ex.example_batch)
+        peaks[k] = measure_allocator_peak(cycle)[1]
+        assert step.micro_step == 0
+    assert peaks[8] == peaks[1], peaks
