@@ -329,6 +329,58 @@ MUTATIONS: list[Mutation] = [
       "a list of policies is applied last-to-first, so earlier entries override later ones",
       ("tests/test_plan.py",)),
 
+    # ------------------------------------------------------------------ passes/fuse_linear_ce.py
+    M("fuse-lce-mean-undivided",
+      "passes/fuse_linear_ce.py",
+      'weight = c(aten.div.Tensor, (valid_f, count)) if mt["reduction"] == 1 else valid_f',
+      "weight = valid_f",
+      "the fused head's gradient of a mean loss is not divided by the number of counted tokens: "
+      "every gradient below the loss is total_weight times too large",
+      ("tests/test_fuse_linear_ce.py",)),
+    M("fuse-lce-chunk-targets",
+      "passes/fuse_linear_ce.py",
+      "t_c = c(aten.slice.Tensor, (safe_t, 0, s, e))",
+      "t_c = c(aten.slice.Tensor, (safe_t, 0, 0, e - s))",
+      "every chunk reads the first chunk's targets (same shape, wrong tokens): loss and gradients "
+      "wrong as soon as there are two chunks",
+      ("tests/test_fuse_linear_ce.py",)),
+    M("fuse-lce-ignored-rows-in-loss",
+      "passes/fuse_linear_ce.py",
+      "rows = c(aten.mul.Tensor, (c(aten.sub.Tensor, (lse, picked)), v_c))",
+      "rows = c(aten.sub.Tensor, (lse, picked))",
+      "tokens labelled ignore_index (padding) add to the fused loss (their gradient stays masked): "
+      "the reported loss differs from eager's on padded batches",
+      ("tests/test_fuse_linear_ce.py",)),
+    M("fuse-lce-bias-last-chunk",
+      "passes/fuse_linear_ce.py",
+      "g_b = gb if g_b is None else c(aten.add_.Tensor, (g_b, gb))",
+      "g_b = gb",
+      "the trained head bias gets the gradient of the last chunk only, not the sum over chunks",
+      ("tests/test_fuse_linear_ce.py",)),
+    M("fuse-lce-gout-dropped",
+      "passes/fuse_linear_ce.py",
+      "scaled = call(graph, mul, (grad, coef), meta_from=leaf)",
+      "scaled = call(graph, mul, (grad, 1.0), meta_from=leaf)",
+      "the chunks' gradients are not scaled by the loss's incoming gradient: a loss that scales "
+      "the cross-entropy (a sum divided by a count, num_items_in_batch) trains with the wrong scale",
+      ("tests/test_fuse_linear_ce.py",)),
+
+    # -------------------------------------------------------------------------- pockc/precision.py
+    M("precision-frozen-kept-fp32",
+      "pockc/precision.py",
+      "            want = torch.bfloat16",
+      "            want = p.dtype",
+      "precision='bf16' leaves the frozen weights in float32: the resident model does not halve "
+      "(autocast still computes in bf16, so only the dtype checks see it)",
+      ("tests/test_precision.py",)),
+    M("precision-masters-bf16",
+      "pockc/precision.py",
+      "want = torch.float32 if p.dtype in _LOW else p.dtype",
+      "want = torch.bfloat16",
+      "trained tensors become bfloat16 instead of float32 masters: updates smaller than bf16's "
+      "resolution are lost, the optimizer state is bf16",
+      ("tests/test_precision.py",)),
+
     # -------------------------------------------------------------------------- pockc/lora.py
     M("lora-scaling-sqrt-r",
       "pockc/lora.py",
