@@ -98,7 +98,8 @@ def _lora_hook(module, args, out):
     x = args[0]
     if st.dropout > 0:
         x = F.dropout(x, st.dropout, module.training)
-    return out + F.linear(F.linear(x.to(module.lora_A.dtype), module.lora_A), module.lora_B) * st.scaling
+    # in the adapter's dtype, the sum back in the layer's (PEFT's rule: float32 adapters on a bf16 base)
+    return (out + F.linear(F.linear(x.to(module.lora_A.dtype), module.lora_A), module.lora_B) * st.scaling).to(out.dtype)
 
 
 def adapted_modules(model) -> dict:
