@@ -147,6 +147,18 @@ def test_chunk_size_comes_from_the_budget():
     assert torch.isfinite(loss)
 
 
+def test_tied_embedding_and_head_fused_matches_eager():
+    """The head's weight is the embedding's (GPT-2, Gemma): the chunks' weight gradient joins the
+    embedding's in the one tied tensor."""
+    ex = example(bias=False)
+    ex.model.head.weight = ex.model.emb.weight
+    m_c, m_e, orig, step, lc, le = compiled_and_eager(ex, "full", pockc.AdamW(lr=1e-2), steps=3, head_chunk_rows=7)
+    assert step.fused_head and step.fused_head[0]["trains_head"]
+    assert m_c.head.weight is m_c.emb.weight
+    torch.testing.assert_close(torch.tensor(lc, dtype=torch.float64), torch.stack(le).double(), **F64)
+    assert_match(m_c, m_e, orig, step.update_plan, **F64)
+
+
 def test_logits_read_elsewhere_stay_unfused_and_correct():
     ex = example(accuracy_too)
     m_c, m_e, orig, step, lc, le = compiled_and_eager(ex, "full", pockc.SGD(lr=0.1), steps=3, head_chunk_rows=7)
