@@ -123,6 +123,22 @@ def plan_step_memory(gm, layout):
     return plan_memory(gm, layout) if apply is None else plan_memory_then(gm, apply, layout)
 
 
+def check_backend_option(backend):
+    """CompileError for a backend pockc does not have (None: the device's default)."""
+    if backend is not None and backend not in _backends.BACKENDS:
+        raise CompileError(f"unknown backend {backend!r}; use one of: {', '.join(_backends.BACKENDS)}")
+
+
+def step_backend_for(backend, gm, batch) -> str:
+    """The backend a step running ``gm`` uses: ``backend`` (checked by check_backend_option), else
+    the default of the batch's device; a CompileError where ``gm`` cannot run on it."""
+    name = backend or _backends.default_backend(_backends.device_of(batch_tensors(batch)))
+    if name != "aten" and any(n.target in _backends.GRAD_MODE_OPS for n in gm.graph.nodes):
+        raise CompileError(f"the model has a recurrent layer (nn.LSTM) whose CPU kernel saves its backward's "
+                           f"workspace only in grad mode; backend {name!r} cannot run it: use backend='aten'")
+    return name
+
+
 def check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows=None):
     """CompileError for a bad ``accumulate`` / ``max_grad_norm`` / ``num_items`` /
     ``head_chunk_rows``."""
@@ -241,8 +257,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
                                                    objective=objective))
         except ValueError as e:
             raise CompileError(str(e)) from None
-    if backend is not None and backend not in _backends.BACKENDS:
-        raise CompileError(f"unknown backend {backend!r}; use one of: {', '.join(_backends.BACKENDS)}")
+    check_backend_option(backend)
     budget_bytes = parse_bytes(budget) if budget is not None else None
     t0 = time.perf_counter()
     order = analyze_forward(model, loss_fn, batch)
@@ -303,10 +318,7 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
         gm, layout, mem, gopts = _fit_head_chunks(model, loss_fn, batch, plan, optimizer, gopts, gm, layout, mem,
                                                   budget_bytes)
     remat_report = None
-    step_backend = _backends.check_backend(backend) or _backends.default_backend(_backends.device_of(batch))
-    if step_backend != "aten" and any(n.target in _backends.GRAD_MODE_OPS for n in gm.graph.nodes):
-        raise CompileError(f"the model has a recurrent layer (nn.LSTM) whose CPU kernel saves its backward's "
-                           f"workspace only in grad mode; backend {step_backend!r} cannot run it: use backend='aten'")
+    step_backend = step_backend_for(backend, gm, batch)
     paging = remat == "auto" and step_backend == "aten"   # the page calls run in the FX program
     if budget_bytes is not None and mem.required_bytes > budget_bytes and remat != "off":
         from pockc.passes.rematerialize import rematerialize       # recompute / page saved activations

@@ -23,9 +23,8 @@ import warnings
 
 import torch
 
-from pockc.api import _check_inputs, build_graph, check_num_items, check_training_options, plan_step_memory
-from pockc.runtime import backends as _backends
-from pockc.runtime.batch import batch_tensors
+from pockc.api import (_check_inputs, build_graph, check_backend_option, check_num_items, check_training_options,
+                       plan_step_memory, step_backend_for)
 from pockc.precision import apply_precision, autocast_loss, check_precision
 from pockc.capture import export_loss
 from pockc.errors import CompileError, PlanError
@@ -234,8 +233,7 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     if num_items is not None:
         check_num_items(num_items, batch)
     precision = check_precision(precision)
-    if backend is not None and backend not in _backends.BACKENDS:
-        raise CompileError(f"unknown backend {backend!r}; use one of: {', '.join(_backends.BACKENDS)}")
+    check_backend_option(backend)
     if capture not in CAPTURES:
         raise CompileError(f"capture={capture!r}: use one of {', '.join(CAPTURES)}")
     if lora is not None and not isinstance(lora, LoraConfig):
@@ -385,15 +383,10 @@ def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, bloc
     try:
         step = _build_plan(model, loss_fn, batch, plan, optimizer, capture, traced_fn, used, gopts, opts, num_items,
                            precision)
+        step.backend = step_backend_for(backend, step.graph, batch)
     except BaseException:
         restore()     # the model's dtypes as they were
         raise
-    step.backend = _backends.check_backend(backend) or _backends.default_backend(
-        _backends.device_of(batch_tensors(batch)))
-    if step.backend != "aten" and any(n.target in _backends.GRAD_MODE_OPS for n in step.graph.graph.nodes):
-        restore()
-        raise CompileError(f"the model has a recurrent layer (nn.LSTM) whose CPU kernel saves its backward's "
-                           f"workspace only in grad mode; backend {step.backend!r} cannot run it: use backend='aten'")
     step.lora_config = lora
     step.layers = layers
     step.compile_seconds = time.perf_counter() - t0
