@@ -41,3 +41,29 @@ def test_inductor_matches_the_oracle_and_updates_in_place():
     assert_match(m_c, m_e, ex.model, step.update_plan, rtol=1e-4, atol=1e-5)
     name = step.update_plan.trainable_names()[0]  # the compiled step wrote into the user's module
     assert not torch.equal(dict(m_c.named_parameters())[name], dict(ex.model.named_parameters())[name])
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(4, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_a_recurrent_layer_is_refused_by_inductor_in_compile_and_finetune():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 5, 4), torch.tensor([0, 2])
+
+    def loss_fn(model, x, y):
+        return F.cross_entropy(model(x), y)
+
+    for build in (pockc.compile, pockc.finetune):
+        model = _Recurrent()
+        kw = {"update": "full"} if build is pockc.compile else {"update": {"*": "full"}}
+        with pytest.raises(pockc.CompileError, match="recurrent layer .* cannot run it: use backend='aten'"):
+            build(model, loss_fn, (x, y), backend="inductor", **kw)
+        assert build(model, loss_fn, (x, y), backend="aten", **kw).backend == "aten"
