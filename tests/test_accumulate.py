@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import pockc
 from pockc import zoo
 from pockc.runtime.train_step import count_items
+from tests.hf_models import hf_llama
 
 K = 3
 
@@ -395,14 +396,7 @@ def test_hugging_face_loss_with_padding_and_lora():
     """As people run it: ``model(**batch).loss`` of a Hugging Face Llama on right-padded dict batches
     (attention_mask 0 and labels -100 there), LoRA via finetune, accumulate=2: the default item
     count (shifted labels != -100) weights the micro-batches as HF's fixed Trainer does."""
-    transformers = pytest.importorskip("transformers")
-    import warnings
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        model = transformers.LlamaForCausalLM(cfg).double().train()
+    model = hf_llama()
     g = torch.Generator().manual_seed(1)
     batches = []
     for i in range(4):

@@ -9,7 +9,6 @@ and the cases that must stay unfused (the logits read by something else, a chann
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 import pockc
 from pockc.errors import CompileError
 from pockc.zoo import Example
+from tests.hf_models import hf_llama, padded_batch
 from tests.oracle import assert_match, compiled_and_eager
 
 VOCAB = 1100            # the pass applies from 1024 classes (vocabulary-sized outputs)
@@ -60,25 +60,6 @@ def example(loss_fn=mean_loss, bias=True, seed=0, dtype=torch.float64):
     labels = torch.randint(0, VOCAB, (3, 10), generator=g)
     labels[2, 6:] = -100            # padding: no loss, no gradient
     return Example("tiny_lm", model, (ids, labels), loss_fn)
-
-
-def hf_llama(hidden=32, inter=64, layers=2, positions=64, dtype=torch.float64):
-    """A random-weight Hugging Face Llama with a vocabulary the pass fuses (seeded, train mode)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
-                                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                       max_position_embeddings=positions)
-        return transformers.LlamaForCausalLM(cfg).to(dtype).train()
-
-
-def padded_batch(ids, keep=8):
-    """A HF dict batch whose second row is padded after ``keep`` tokens (mask 0, labels -100)."""
-    mask = torch.ones_like(ids)
-    mask[1, keep:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def logits_sized(step, rows, hidden=16, vocab=VOCAB):
@@ -183,7 +164,7 @@ def test_head_chunk_rows_is_checked():
 
 
 def test_hf_llama_labels_loss_is_fused_and_matches_eager():
-    model = hf_llama()
+    model = hf_llama(vocab=VOCAB)
     batch = padded_batch(torch.randint(0, VOCAB, (2, 12)))
 
     def loss_fn(model, b):
@@ -238,7 +219,7 @@ def test_fused_head_under_inductor_matches_aten():
 def test_fused_head_with_recomputation_under_a_tight_budget():
     """Below what chunking alone reaches, rematerialization recomputes saved activations of a
     step whose head is fused (chunks of in-place ops): the trained values still equal eager's."""
-    model = hf_llama(hidden=64, inter=256, layers=3, positions=128)
+    model = hf_llama(vocab=VOCAB, hidden=64, inter=256, layers=3, positions=128)
     ids = torch.randint(0, VOCAB, (2, 48))
 
     def loss_fn(model, ids, labels):

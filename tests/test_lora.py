@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import pockc
 from pockc import zoo
 from pockc.lora import adapted_modules
+from tests.hf_models import hf_llama
 from tests.oracle import eager_steps
 from tests.reference import resolve, varied_batches
 
@@ -251,14 +253,7 @@ def test_matches_peft_on_hf_llama_float64(use_rslora):
     and B: pockc's adapted forward gives PEFT's logits, and 3 pockc AdamW steps land where PEFT +
     torch.optim.AdamW do. float64, so the bound is rounding, not a tolerance a bug could hide in."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    import warnings
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        base = transformers.LlamaForCausalLM(cfg).double().train()
+    base = hf_llama()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     batches = varied_batches((ids, ids.clone()), 3)
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import pockc
 from pockc.errors import CompileError
 from tests.reference import train, varied_batches
-from tests.test_fuse_linear_ce import VOCAB, TinyLM, hf_llama, padded_batch
+from tests.hf_models import hf_llama, padded_batch
+from tests.test_fuse_linear_ce import VOCAB, TinyLM
 
 STEPS = 20
 
@@ -82,7 +83,7 @@ def test_bf16_partial_update_matches_eager_autocast():
 
 def test_bf16_lora_on_hf_llama_matches_eager_autocast():
     from tests.test_lora import ref_adapters, reference_lora
-    base = hf_llama(hidden=64, inter=128, dtype=torch.float32)
+    base = hf_llama(vocab=VOCAB, hidden=64, inter=128, dtype=torch.float32)
     batch = padded_batch(torch.randint(0, VOCAB, (2, 12)))
 
     def loss_fn(model, b):
