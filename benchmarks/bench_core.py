@@ -158,18 +158,23 @@ class StepWorker:
         return measure_memory(self.runner, self.batch)
 
 
-def time_variants(specs, module, threads, rounds, log, what=""):
+def time_variants(specs, module, threads, rounds, log, what="", env=None, concurrent_setup=True, keep_failed=False):
     """:func:`pockc.bench.run_workers` over ``specs`` (each variant's process started with
-    ``python -m module --worker``), failing loudly if a variant failed; returns ``(figures,
-    step seconds per variant, 1-minute load samples)``, each figure's ``time_ms`` summarized."""
-    figs, load = run_workers(specs, module, lambda k, _: worker_env(k, threads), rounds, log=log)
+    ``python -m module --worker``, its environment ``env(variant)``, default worker_env), failing
+    loudly if a variant failed -- or, with ``keep_failed``, marking its figure ``failed`` (it keeps
+    its ``error``) and going on; returns ``(figures, step seconds per variant that ran, 1-minute
+    load samples)``, each figure's ``time_ms`` summarized."""
+    env = env or (lambda k: worker_env(k, threads))
+    figs, load = run_workers(specs, module, lambda k, _: env(k), rounds, log=log, concurrent_setup=concurrent_setup)
     failed = {k: f["error"] for k, f in figs.items() if "error" in f}
-    if failed:
+    if failed and not keep_failed:
         raise RuntimeError(f"{what}variants failed: {failed}")
-    times = {k: f.pop("_times") for k, f in figs.items()}
-    for k, f in figs.items():
-        f.pop("round_medians_ms", None)
-        f["time_ms"] = summarize(times[k])
+    for k in failed:
+        figs[k]["failed"] = True
+    times = {k: f.pop("_times") for k, f in figs.items() if k not in failed}
+    for k in times:
+        figs[k].pop("round_medians_ms", None)
+        figs[k]["time_ms"] = summarize(times[k])
     return figs, times, load
 
 

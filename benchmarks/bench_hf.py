@@ -80,9 +80,9 @@ from tabulate import tabulate
 
 import pockc
 from benchmarks.bench_core import (DEFAULT_THREADS, MiB, RESULTS, EagerStep, StepWorker, git_commit, load_average,
-                                   machine_info, serve, summarize)
+                                   machine_info, serve, time_variants)
 from benchmarks.bench_llm import FinetuneRunner
-from pockc.bench import BenchError, run_workers, worker_env, write_results
+from pockc.bench import BenchError, worker_env, write_results
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 OPTIMIZER = pockc.AdamW(lr=1e-4)
@@ -301,21 +301,13 @@ def _env(variant, threads):
 
 
 def time_all(specs, threads, rounds, log):
-    """pockc.bench.run_workers over ``specs`` (set up one at a time), like bench_core's
-    time_variants but a variant that fails (torch.compile on this machine, ...) is recorded with
-    its error instead of ending the run. Returns ``(figures, step seconds of the variants that
-    ran, 1-minute load samples)``."""
-    figs, load = run_workers(specs, "benchmarks.bench_hf", lambda k, _: _env(k, threads), rounds, log=log,
-                             concurrent_setup=False)
-    times = {}
-    for k, f in figs.items():
-        if "error" in f:
-            f["failed"] = True
-            continue
-        times[k] = f.pop("_times")
-        f.pop("round_medians_ms", None)
-        f["time_ms"] = summarize(times[k])
-        f["tokens_per_s"] = f["tokens_per_step"] / (f["time_ms"]["median"] / 1e3)
+    """bench_core's time_variants over ``specs``, set up one at a time, a variant that fails
+    (torch.compile on this machine, ...) recorded with its error instead of ending the run; adds
+    tokens/s. Returns ``(figures, step seconds of the variants that ran, 1-minute load samples)``."""
+    figs, times, load = time_variants(specs, "benchmarks.bench_hf", threads, rounds, log,
+                                      env=lambda k: _env(k, threads), concurrent_setup=False, keep_failed=True)
+    for k in times:
+        figs[k]["tokens_per_s"] = figs[k]["tokens_per_step"] / (figs[k]["time_ms"]["median"] / 1e3)
     return figs, times, load
 
 

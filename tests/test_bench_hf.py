@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from benchmarks import bench_hf  # noqa: E402
+from benchmarks.bench_core import summarize  # noqa: E402
 from pockc import bench as pockc_bench  # noqa: E402
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}
@@ -72,7 +73,7 @@ def fake_figures(names, slow="peft"):
             "accumulate", 1), batch_shape=[rows, 32], tokens_per_step=32 * o.get("accumulate", 1), trained_params=16384,
             trained_dtypes=["float32"], frozen_dtypes=["float32"], first_step_s=0.1, compile_s=None,
             peak_bytes=4_000_000 + 10_000 * i if o["kind"] == "peft" else 1_000_000, resident_bytes=1_500_000,
-            measured_at="allocator", time_ms=bench_hf.summarize(ts))
+            measured_at="allocator", time_ms=summarize(ts))
         if o["kind"] == "pockc":
             f.update(compile_s=1.0, accumulated_gradient_bytes=65536 if o.get("accumulate", 1) > 1 else 0)
             if o.get("accumulate", 1) > 1:
