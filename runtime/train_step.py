@@ -79,6 +79,7 @@ class TrainStep:
         self._lowered = {}     # id(graph) -> callable, for backends other than aten
         self._fast = {}        # (id(graph), id of its forward) -> its copy with fast bindings (aten)
         self._heap_kept = set()  # id(graph) whose working memory runtime/heap.py keeps mapped
+        self._scalar_inputs = None  # the scalar inputs' 0-dim tensors, refilled each call (inputs())
         # per input tensor of the model: (module path, attribute, is a parameter), in layout order
         k = len(layout.params) + len(layout.frozen)
         self._paths = [(n.split(".")[:-1], n.split(".")[-1], i < k)
@@ -194,7 +195,7 @@ class TrainStep:
             scalars[ACCUM_INV] = 1.0 / total if total else 0.0
         # the scalar inputs (lr, bias corrections, accumulation weights) live in tensors of the step,
         # refilled each call: a call allocates nothing of its own before the program runs
-        held = getattr(self, "_scalar_inputs", None)
+        held = self._scalar_inputs
         if held is None or len(held) != len(lay.scalars):
             held = self._scalar_inputs = [torch.zeros((), dtype=torch.float64) for _ in lay.scalars]
         for t, s in zip(held, lay.scalars):
