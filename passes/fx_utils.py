@@ -60,6 +60,8 @@ def mutated_args(node: fx.Node) -> list:
 # Ops whose outputs alias their first argument at run time although their schemas do not say so.
 UNMARKED_VIEWS = {aten._unsafe_view.default, aten.alias.default, aten.unsafe_split.Tensor,
                   aten.unsafe_split_with_sizes.default, aten.unsafe_chunk.default}
+if hasattr(torch.ops._c10d_functional, "wait_tensor"):   # returns the tensor its collective wrote
+    UNMARKED_VIEWS.add(torch.ops._c10d_functional.wait_tensor.default)
 
 
 def is_view(node: fx.Node) -> bool:
@@ -109,10 +111,10 @@ def _paging():
 
 
 def alias_source(node: fx.Node):
-    """The argument a non-aten runtime call returns as is (``page_in_wait``, ``rng.replay``),
-    else None."""
-    from pockc.runtime import rng
-    if node.op == "call_function" and node.target in (_paging().page_in_wait, rng.replay):
+    """The argument a non-aten runtime call returns as is (``page_in_wait``, ``rng.replay``,
+    ``distributed.wait``), else None."""
+    from pockc.runtime import distributed, rng
+    if node.op == "call_function" and node.target in (_paging().page_in_wait, rng.replay, distributed.wait):
         return node.args[0]
     return None
 

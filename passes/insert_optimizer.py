@@ -35,6 +35,10 @@ each micro-batch's mean); :func:`apply_program` builds the update program, store
 place, the clip factor of those, the updates with ``acc`` as the gradient, ``acc.zero_()``.
 Its updates run after the whole backward pass, so they cost no memory next to activations.
 
+Data parallel (``comm``, pockc/distributed.py): the final gradients are averaged over the ranks
+before their updates, bucketed and in place where possible (passes/allreduce.py); with
+accumulation, the apply program sums the ranks' divided buffers instead, once per update.
+
 Nodes added here carry ``meta['pockc.role'] = 'update'`` and ``meta['pockc.param'] = name`` (for a
 foreach group: ``'foreach[first name..]'``, and ``meta['pockc.params']`` lists every name).
 """
@@ -225,7 +229,7 @@ def _emit_updates(gm, graph, layout, grads, param_ph, state_ph, scalar_ph, optim
 
 
 def insert_optimizer(gm: fx.GraphModule, layout, optimizer, foreach_max_numel=None,
-                     foreach_min_tensors=None, *, accumulate: int = 1, max_grad_norm=None) -> PassResult:
+                     foreach_min_tensors=None, *, accumulate: int = 1, max_grad_norm=None, comm=None) -> PassResult:
     graph = gm.graph
     groups = layout.placeholders(graph)
     param_ph = dict(zip(layout.params, groups["params"]))
@@ -273,6 +277,9 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer, foreach_max_numel=No
                 call(graph, aten.addcmul_.default, (state_ph[(name, ACCUM_STATE)], g, scalar_ph[ACCUM_ITEMS]))
             _mark(graph, before, {"pockc.role": "update", "pockc.param": name})
     else:
+        if comm is not None:            # data parallel: the ranks' average of each gradient (passes/allreduce.py)
+            from .allreduce import reduce_gradients
+            grads = reduce_gradients(gm, graph, layout, grads, out, comm, op="avg")
         coef = None
         if max_grad_norm is not None:   # every update waits for the norm of all gradients
             total, coef = _emit_clip(gm, graph, grads, max_grad_norm, out)
@@ -287,12 +294,14 @@ def insert_optimizer(gm: fx.GraphModule, layout, optimizer, foreach_max_numel=No
     refresh_vals(gm, [n for n in graph.nodes if n.meta.get("pockc.role") == "update"])
     if accumulating:
         gm.meta["pockc.apply"] = apply_program(gm, layout, optimizer, max_grad_norm,
-                                               foreach_max_numel, foreach_min_tensors)
+                                               foreach_max_numel, foreach_min_tensors, comm=comm)
+        if comm is not None:
+            gm.meta["pockc.buckets"] = gm.meta["pockc.apply"].meta["pockc.buckets"]
     return PassResult(gm, True)
 
 
 def apply_program(gm: fx.GraphModule, layout, optimizer, max_grad_norm=None, foreach_max_numel=None,
-                  foreach_min_tensors=None) -> fx.GraphModule:
+                  foreach_min_tensors=None, comm=None) -> fx.GraphModule:
     """The program the K-th call of an accumulating step runs after ``gm`` (its micro-batch
     program), over the same inputs: ``g = acc * (1/N)`` in place, the clip factor of the norm
     of all ``g`` (with ``max_grad_norm``), the optimizer update with ``g``, then ``acc = 0``.
@@ -315,6 +324,9 @@ def apply_program(gm: fx.GraphModule, layout, optimizer, max_grad_norm=None, for
         grads = [call(graph, aten.mul_.Tensor, (state_ph[(name, ACCUM_STATE)], scalar_ph[ACCUM_INV]))
                  for name, _sel in layout.grads]
     _mark(graph, before, {"pockc.role": "update", "pockc.param": "accumulated"})
+    if comm is not None:   # data parallel, once per update: the sum over ranks of acc / N (N: the global batch's items)
+        from .allreduce import reduce_gradients
+        grads = reduce_gradients(new, graph, layout, grads, out, comm, op="sum", owned=True)
     coef, outputs = None, ()
     if max_grad_norm is not None:
         total, coef = _emit_clip(new, graph, grads, max_grad_norm, out)

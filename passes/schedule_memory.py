@@ -31,6 +31,8 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
+from pockc.runtime.distributed import is_issue
+
 from .fx_utils import PassResult, is_aten, mutated_args, reorder
 from .plan_memory import flat, plan_memory, storages_of
 
@@ -46,8 +48,8 @@ def _dependencies(nodes, root):
         for sid in reads | writes:
             touches[sid].append((n, sid in writes))
         if is_aten(n) and (torch.Tag.nondeterministic_seeded in n.target.tags
-                           or (n.target._schema.is_mutable and not mutated_args(n))):
-            chained.append(n)
+                           or (n.target._schema.is_mutable and not mutated_args(n)) or is_issue(n)):
+            chained.append(n)   # random ops, hidden state, and collectives: every rank issues them in one order
     for seq in touches.values():
         if not any(w for _, w in seq):
             continue

@@ -9,7 +9,9 @@ frees its gradient (and temporaries) early instead of holding every gradient unt
 A group that depends on another group's nodes runs at the end, in order: with gradient clipping
 every update reads the clip factor (group ``clip_grad_norm``, which itself runs right after the
 last gradient), so all updates follow the whole backward pass and the gradients stay alive until
-the norm is known. With gradient accumulation the groups are ``acc += n_i * g``, placed right after
+the norm is known. A group that reads a gradient bucket's all-reduce (data parallel,
+passes/allreduce.py) runs right after that bucket, which runs right after its last gradient. With
+gradient accumulation the groups are ``acc += n_i * g``, placed right after
 each gradient like updates.
 
 Invariant: every node that read a parameter before scheduling still reads the old value.
@@ -21,7 +23,7 @@ from collections import defaultdict
 
 import torch.fx as fx
 
-from .fx_utils import PassResult, is_view, mutated_args, reorder, returns_input
+from .fx_utils import PassResult, alias_source, is_view, mutated_args, reorder, returns_input
 
 
 def storage_roots(graph: fx.Graph) -> dict:
@@ -30,7 +32,7 @@ def storage_roots(graph: fx.Graph) -> dict:
     returns its ``out``) alias their source."""
     root = {}
     for n in graph.nodes:
-        src = n.args[0] if is_view(n) and n.args else returns_input(n)
+        src = n.args[0] if is_view(n) and n.args else (returns_input(n) or alias_source(n))
         if (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node)
                 and is_view(n.args[0])):
             src = n.args[0]
@@ -59,7 +61,8 @@ def schedule_updates(gm: fx.GraphModule) -> PassResult:
             writers[root[w]].append(n)
 
     ready_after = defaultdict(list)  # non-update node -> groups that may run right after it
-    for name, members in groups.items():
+    anchor_of = {}                   # comm group (passes/allreduce.py) -> the node it runs after
+    for name, members in sorted(groups.items(), key=lambda kv: pos[kv[1][0]]):
         inside = set(members)
         deps = [a for m in members for a in m.all_input_nodes if a not in inside]
         # a gradient finished by an in-place write into an alias of it (``copy_`` into a view of
@@ -68,10 +71,16 @@ def schedule_updates(gm: fx.GraphModule) -> PassResult:
         for m in members:
             for w in mutated_args(m):
                 deps += [r for r in readers[root[w]] if r not in inside]
-        if any(d.meta.get("pockc.role") == "update" for d in deps):
-            anchor = nodes[-2]  # depends on another update: keep it at the end, in order
+        # A group that reads another group's results runs after it: right after a bucket's
+        # all-reduce (a comm group, placed first); after every other group, at the end, in order.
+        after = [anchor_of.get(d.meta.get("pockc.param"), d) if d.meta.get("pockc.role") == "update" else d
+                 for d in deps]
+        if any(a.meta.get("pockc.role") == "update" for a in after):
+            anchor = nodes[-2]
         else:
-            anchor = max(deps, key=pos.__getitem__)
+            anchor = max(after, key=pos.__getitem__)
+        if members[0].meta.get("pockc.comm") is not None:
+            anchor_of[name] = anchor
         ready_after[anchor].append(members)
 
     order = []

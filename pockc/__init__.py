@@ -25,6 +25,7 @@ _LAZY = {
     "Rule": "pockc.plan", "UpdatePlan": "pockc.plan", "resolve_update": "pockc.plan",
     "score_layers": "pockc.scoring", "LayerScores": "pockc.scoring",
     "finetune": "pockc.finetune", "FinetuneStep": "pockc.finetune",
+    "Distributed": "pockc.distributed",
     "LoraConfig": "pockc.lora", "load_adapter": "pockc.lora", "merge_lora": "pockc.lora",
 }
 
@@ -44,4 +45,4 @@ def __dir__():
 
 __all__ = ["compile", "graph_stats", "load", "CompileError", "PlanError", "BudgetError", "BatchError", "StepError",
            "ArtifactError", "UpdatePlan", "Rule", "resolve_update", "SGD", "AdamW", "Optimizer", "TrainStep",
-           "score_layers", "LayerScores", "finetune", "FinetuneStep", "LoraConfig", "load_adapter", "merge_lora"]
+           "score_layers", "LayerScores", "finetune", "FinetuneStep", "Distributed", "LoraConfig", "load_adapter", "merge_lora"]

@@ -13,6 +13,7 @@ from pockc.budget import batch_size_of, select_under_budget
 from pockc.errors import CompileError
 from pockc.memory import BudgetError, StepMemory, format_bytes, parse_bytes
 from pockc.passes.activation_output import activation_output
+from pockc.passes.allreduce import overlap_collectives
 from pockc.passes.channels_last import channels_last
 from pockc.passes.defer_writes import defer_writes
 from pockc.passes.fold_batchnorm import fold_batchnorm
@@ -72,12 +73,13 @@ def run_passes(gm, stages):
 
 
 def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule: bool = True,
-                accumulate: int = 1, max_grad_norm=None, head_chunk_rows=None):
+                accumulate: int = 1, max_grad_norm=None, head_chunk_rows=None, comm=None):
     """The pipeline: trace the joint graph, prune it, add the optimizer, schedule. With
     ``accumulate`` > 1 the graph accumulates gradients and ``gm.meta["pockc.apply"]`` is the
     program that applies them (passes/insert_optimizer.py). ``head_chunk_rows``: tokens per chunk
     of the fused output layer + cross-entropy (passes/fuse_linear_ce.py); None: about 16 MiB of
-    float32 logits per chunk; 0: no fusion."""
+    float32 logits per chunk; 0: no fusion. ``comm`` (runtime/distributed.Comm): data parallel, the
+    trained gradients all-reduced in the graph (passes/allreduce.py)."""
     gm, layout = trace_joint(model, loss_fn, batch, plan)                 # forward + needed backward
     fuse_head = [] if head_chunk_rows == 0 else [
         ("fuse_linear_ce", lambda g: fuse_linear_ce(g, min_classes=1024, chunk_rows=head_chunk_rows))]
@@ -90,12 +92,13 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
         ("pointwise_conv", lambda g: pointwise_conv(g, layout)),        # NHWC 1x1 convs as one GEMM
         ("activation_output", lambda g: activation_output(g, layout)),  # ReLU6 backward from its output
         ("insert_optimizer", lambda g: insert_optimizer(g, layout, optimizer, accumulate=accumulate,
-                                                        max_grad_norm=max_grad_norm)),  # in-place updates
+                                                        max_grad_norm=max_grad_norm, comm=comm)),  # in-place updates
         ("plan_memory(before)", lambda g: _record_peak_before(g, layout)),  # for the report
         ("schedule_updates", schedule_updates),                           # update right after grad
     ] + ([("schedule_memory", lambda g: schedule_memory(g, layout)),   # reorder for a lower peak
           ("inplace_ops", lambda g: inplace_ops(g, layout))] if schedule else [])  # reuse dying inputs
-        + [("defer_writes", lambda g: defer_writes(g, layout))])         # no state written before the loss
+        + [("defer_writes", lambda g: defer_writes(g, layout))]          # no state written before the loss
+        + ([("overlap_collectives", lambda g: overlap_collectives(g, layout))] if comm is not None else []))
     return gm, layout
 
 
@@ -163,7 +166,8 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             *, budget=None, verbose: bool = False, backend: str | None = None, scores=None,
             max_layers: int = 12, remat: str = "auto", device_profile=None,
             objective: str | None = None, accumulate: int = 1, max_grad_norm: float | None = None,
-            num_items=None, head_chunk_rows: int | None = None, precision: str = "fp32") -> TrainStep:
+            num_items=None, head_chunk_rows: int | None = None, precision: str = "fp32",
+            distributed="auto") -> TrainStep:
     """Compile one training step of ``model``.
 
     ``update`` is a preset (``"full"``, ``"bias"``, ``"last:K"``, ``"head"``; join with ``+``), a
@@ -219,6 +223,14 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     the frozen weights are converted to bfloat16 in the model, trained tensors stay float32 master
     copies with float32 optimizer state, and the loss is traced under bfloat16 autocast.
 
+    ``distributed``: data parallel on torch.distributed (pockc/distributed.py): ``"auto"`` (default)
+    -- on when torch.distributed is initialized with more than one rank; ``True`` / ``False``; or
+    ``pockc.Distributed(group=, bucket_mb=, first_bucket_mb=, broadcast_buffers=)``. The step
+    all-reduces exactly its trained gradients (the trained rows of a channel-sparse tensor) in its
+    program, bucketed, overlapped with the rest of the backward, and averaged as DDP averages;
+    every rank must compile the same step (compiling is collective) and then holds rank 0's
+    weights. ``step.comm`` reports the buckets and the bytes per update beside DDP's (``table()``).
+
     ``backend``: ``"aten"`` runs the emitted FX program op by op (the default on every device,
     see runtime/backends.py); ``"inductor"`` lowers it through torch._inductor on the first call
     (tens of seconds of compile time, fused kernels after). On CPU with several threads, set
@@ -235,6 +247,21 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     >>> step.update_plan.trainable_names()
     ['2.bias', '2.weight']
     """
+    from pockc.distributed import compile_collectively, resolve_distributed
+    comm = resolve_distributed(distributed)
+    args = (model, loss_fn, example_batch, update, optimizer)
+    kw = dict(budget=budget, verbose=verbose, backend=backend, scores=scores, max_layers=max_layers, remat=remat,
+              device_profile=device_profile, objective=objective, accumulate=accumulate, max_grad_norm=max_grad_norm,
+              num_items=num_items, head_chunk_rows=head_chunk_rows, precision=precision)
+    if comm is None:
+        return _compile_local(*args, **kw)
+    return compile_collectively(comm, lambda: _compile_local(*args, **kw, comm=comm), model)
+
+
+def _compile_local(model, loss_fn, example_batch, update, optimizer, *, budget, verbose, backend, scores, max_layers,
+                   remat, device_profile, objective, accumulate, max_grad_norm, num_items, head_chunk_rows, precision,
+                   comm=None) -> TrainStep:
+    """compile on this process (``comm``: with the gradients all-reduced in the program)."""
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
     check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows)
     if num_items is not None:
@@ -242,7 +269,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     precision = check_precision(precision)
     loss_fn = autocast_loss(loss_fn, precision, batch)
     opts = {"accumulate": accumulate, "max_grad_norm": max_grad_norm}
-    gopts = dict(opts, head_chunk_rows=head_chunk_rows)
+    gopts = dict(opts, head_chunk_rows=head_chunk_rows, comm=comm)
     if scores is not None:
         from pockc.scoring import check_scores_match
         check_scores_match(scores, model)          # scores measured on another model are an error
@@ -351,6 +378,9 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
         if lay.to_dict() != layout.to_dict():
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "inputs (a submodule with other parameters?); compile again")
+        if g.meta.get("pockc.buckets") != gm.meta.get("pockc.buckets"):   # every rank reduces the same buckets
+            raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
+                               "gradient all-reduces; compile again on every rank")
         if remat_report is not None:   # recompute the same tensors in the new shapes
             from pockc.passes.rematerialize import rematerialize
             g = rematerialize(g, lay, None, recompute=remat_report.recomputed,

@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from pockc.runtime.distributed import Comm
 from pockc.api import (_check_inputs, build_graph, check_backend_option, check_num_items, check_training_options,
                        plan_step_memory, step_backend_for)
 from pockc.precision import apply_precision, autocast_loss, check_precision
@@ -188,7 +189,7 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
              update=None, optimizer=None, *, adapter=None, capture: str = "auto",
              verbose: bool = False, accumulate: int = 1, max_grad_norm: float | None = None,
              num_items=None, head_chunk_rows: int | None = None, precision: str = "fp32",
-             backend: str | None = None) -> FinetuneStep:
+             backend: str | None = None, distributed="auto") -> FinetuneStep:
     """Compile a fine-tuning step: LoRA adapters and/or partial updates, limited to ``layers``.
 
     ``lora``: a :class:`LoraConfig` (PEFT's names); adapters go on the matching ``nn.Linear``
@@ -215,6 +216,9 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     what users run with PEFT on a bf16 base model. ``"fp32"`` (default): the model's own dtypes.
     ``backend``: ``"aten"`` (the default) or ``"inductor"`` (lowered through torch._inductor on
     the first call: tens of seconds, fused kernels after), as in :func:`pockc.compile`.
+    ``distributed``: data parallel on torch.distributed, as in :func:`pockc.compile` (default
+    ``"auto"``: on under torchrun with more than one rank): the LoRA factors' gradients (and any
+    trained rows) are all-reduced in the step; every rank holds rank 0's adapters after compiling.
 
     >>> import pockc
     >>> from pockc import zoo
@@ -228,6 +232,13 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     >>> sorted(step.trainable_parameters())[:2]
     ['layers.2.q_proj.lora_A', 'layers.2.q_proj.lora_B']
     """
+    from pockc.distributed import compile_collectively, resolve_distributed
+    comm = resolve_distributed(distributed)
+    if comm is not None:
+        return compile_collectively(comm, lambda: finetune(
+            model, loss_fn, example_batch, lora, layers, update, optimizer, adapter=adapter, capture=capture,
+            verbose=verbose, accumulate=accumulate, max_grad_norm=max_grad_norm, num_items=num_items,
+            head_chunk_rows=head_chunk_rows, precision=precision, backend=backend, distributed=comm), model)
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
     check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows)
     if num_items is not None:
@@ -260,7 +271,8 @@ def finetune(model: torch.nn.Module, loss_fn, example_batch, lora: LoraConfig | 
     try:
         step = _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected,
                       adapters, t0, saved_rules, opts={"accumulate": accumulate, "max_grad_norm": max_grad_norm},
-                      num_items=num_items, head_chunk_rows=head_chunk_rows, precision=precision, backend=backend)
+                      num_items=num_items, head_chunk_rows=head_chunk_rows, precision=precision, backend=backend,
+                      comm=distributed if isinstance(distributed, Comm) else None)
     except BaseException:
         if saved is not None:  # leave the user's model as it was
             remove_lora(model, {n.rpartition(".")[0] for n in new})
@@ -357,9 +369,10 @@ def _capture(model, loss_fn, batch, capture):
 
 
 def _build(model, loss_fn, batch, lora, layers, update, optimizer, capture, blocks, selected, adapters, t0,
-           saved_rules=None, opts=None, num_items=None, head_chunk_rows=None, precision="fp32", backend=None):
+           saved_rules=None, opts=None, num_items=None, head_chunk_rows=None, precision="fp32", backend=None,
+           comm=None):
     opts = opts or {}      # accumulate=, max_grad_norm= (pockc.compile's)
-    gopts = dict(opts, head_chunk_rows=head_chunk_rows)
+    gopts = dict(opts, head_chunk_rows=head_chunk_rows, comm=comm)
     traced_fn, order, used = _capture(model, loss_fn, batch, capture)
     scope = _scope(model, blocks, selected, order)
     if update is None:

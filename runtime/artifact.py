@@ -273,6 +273,9 @@ def _accumulation_json(step) -> dict:
     k = getattr(step, "accumulate", 1)
     d = {"update_count": getattr(step, "update_count", step.step_count),
          "max_grad_norm": getattr(step, "max_grad_norm", None)}
+    comm = getattr(step, "comm", None)
+    if comm is not None:      # data parallel: the process group and buckets its collectives use
+        d["distributed"] = comm.to_json()
     if k > 1:
         d["accumulate"] = {"k": k, "micro_step": step.micro_step, "pending_items": step.pending_items,
                            "num_items": "default" if step.num_items is None else "custom"}
@@ -526,6 +529,9 @@ def load(path, *, model: torch.nn.Module | None = None, device=None, verify: boo
     if acc:
         step.micro_step, step.pending_items = int(acc["micro_step"]), int(acc["pending_items"])
     step.backend = st.get("backend", "aten")
+    if st.get("distributed") is not None:   # bound to this process's group at its first call
+        from .distributed import Comm
+        step.comm = Comm.from_json(st["distributed"])
     doc = json.loads(raw["plan"].decode("utf-8"))
     step.update_plan = SavedUpdatePlan(doc)
     step.memory = SavedMemory(doc) if "memory" in doc else None

@@ -80,6 +80,7 @@ class TrainStep:
         self._fast = {}        # (id(graph), id of its forward) -> its copy with fast bindings (aten)
         self._heap_kept = set()  # id(graph) whose working memory runtime/heap.py keeps mapped
         self._scalar_inputs = None  # the scalar inputs' 0-dim tensors, refilled each call (inputs())
+        self.comm = None       # data parallel (runtime/distributed.py): set by pockc.compile or pockc.load
         # per input tensor of the model: (module path, attribute, is a parameter), in layout order
         k = len(layout.params) + len(layout.frozen)
         self._paths = [(n.split(".")[:-1], n.split(".")[-1], i < k)
@@ -191,6 +192,8 @@ class TrainStep:
         scalars = self.optimizer.scalars(self.update_count)
         if self.accumulate > 1:
             total = self.pending_items + items
+            if self.comm is not None and self.micro_step + 1 >= self.accumulate:
+                total = self.comm.global_items(total)     # the update divides by the global batch's items
             scalars[ACCUM_ITEMS] = float(items)
             scalars[ACCUM_INV] = 1.0 / total if total else 0.0
         # the scalar inputs (lr, bias corrections, accumulation weights) live in tensors of the step,
@@ -204,13 +207,28 @@ class TrainStep:
 
     def __call__(self, *batch):
         with self._lock, _DeferInterrupt():
-            gm = self._graph_for(batch)
-            with torch.no_grad():
-                items = self._items(batch)
-                inputs = self.inputs(batch, items)
-                if id(gm) not in self._heap_kept:
-                    self._keep_heap(gm, inputs)
-                return self._run(gm, inputs, items)
+            if self.comm is None:
+                return self._call(batch)
+            self.comm.check_usable()
+            try:
+                return self._call(batch)
+            except BaseException as e:   # the ranks are out of step now
+                err = self.comm.failure(e)
+                if err is e:
+                    raise
+                raise err from e
+
+    def _call(self, batch):
+        gm = self._graph_for(batch)
+        with torch.no_grad():
+            items = self._items(batch)
+            inputs = self.inputs(batch, items)
+            if self.comm is not None:   # rank 0's buffers (batch-norm statistics), as DDP's broadcast_buffers
+                k = len(self.layout.params) + len(self.layout.frozen)
+                self.comm.sync_buffers(inputs[k:k + len(self.layout.buffers)])
+            if id(gm) not in self._heap_kept:
+                self._keep_heap(gm, inputs)
+            return self._run(gm, inputs, items)
 
     def _items(self, batch) -> int:
         if self.accumulate <= 1:
@@ -299,6 +317,9 @@ class TrainStep:
         ``target="aoti"`` -- an AOTInductor package (``.pt2``) that libtorch runs from C++
         (runtime/aoti.py, runtime/cpp/) and ``pockc.load`` loads."""
         if target == "aoti":
+            if self.comm is not None:
+                raise StepError("step.export(target='aoti') cannot export a data-parallel step (its program calls "
+                                "torch.distributed collectives): compile it with distributed=False to export it")
             if self.accumulate > 1:
                 raise StepError(f"step.export(target='aoti') cannot export a step with accumulate={self.accumulate} "
                                 "(it runs two programs): compile the model without accumulate= to export it, or "
