@@ -6,7 +6,6 @@ Cases are built by :func:`make_case` from seeds alone, so the test process build
 and batches for its eager reference. Run as ``spawn`` processes over gloo on 127.0.0.1."""
 from __future__ import annotations
 
-import datetime
 import os
 import time
 import traceback
@@ -170,11 +169,8 @@ def _frozen_rows(name, model):
 
 
 def _init(rank, port, timeout=60):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=timeout))
-    return dist
+    from benchmarks.bench_ddp import init_rank
+    return init_rank(rank, port, WORLD, timeout_s=timeout)
 
 
 def run_cases(rank, port, outdir, cases):
@@ -190,7 +186,8 @@ def run_cases(rank, port, outdir, cases):
         except Exception:  # noqa: BLE001 -- reported to the test
             results[name] = {"error": traceback.format_exc()}
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    from benchmarks.bench_ddp import finish_rank
+    finish_rank(dist)
 
 
 def run_failures(rank, port, outdir, kind):
@@ -233,27 +230,6 @@ def run_failures(rank, port, outdir, kind):
 
 
 def spawn(target, args, timeout=240):
-    """Run ``target(rank, port, *args)`` on WORLD spawned processes; kills them after ``timeout``
-    seconds. Returns their exit codes."""
-    import multiprocessing as mp
-    import socket
-    with socket.socket() as s:        # a free port on the loopback address
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, port, *args)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    codes = []
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-            codes.append("timeout")
-        else:
-            codes.append(p.exitcode)
-    return codes
-
+    """Run ``target(rank, port, *args)`` on WORLD spawned processes (killed after ``timeout`` s)."""
+    from benchmarks.bench_ddp import spawn_ranks
+    return spawn_ranks(target, args, WORLD, timeout)
