@@ -130,5 +130,6 @@ def _lower_inductor(gm, example_inputs):
     # Functionalize and compile an inference (no autograd) program: the graph already contains
     # its backward. The graph mutates trained parameters that require grad; under no_grad that
     # is allowed, as in optimizer.step().
+    from .distributed import functional_program
     with torch.no_grad():
-        return compile_fx(gm, list(example_inputs))
+        return compile_fx(functional_program(gm), list(example_inputs))

@@ -54,7 +54,9 @@ def wait(t):
     than the memory plan says. ``t`` is referenced only by the program once its use count is 1;
     the wait for that is bounded (1 s), it is usually not needed at all."""
     out = wait_op()(t)
-    if type(out) is torch.Tensor and out._use_count() > 1:     # not for fake tensors (tracing)
+    # CPU only (gloo): NCCL's watchdog keeps its works until the GPU is done, and CUDA memory is the
+    # caching allocator's; not for fake tensors (tracing)
+    if type(out) is torch.Tensor and out.device.type == "cpu" and out._use_count() > 1:
         deadline = time.monotonic() + 1.0
         while out._use_count() > 1 and time.monotonic() < deadline:
             time.sleep(0)
@@ -151,7 +153,9 @@ class Comm:
     def global_items(self, items: int) -> int:
         """The sum over ranks of ``items`` (the micro-batches' items of one accumulation cycle)."""
         import torch.distributed as dist
-        t = torch.tensor([items], dtype=torch.int64)
+        device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl"
+                  else torch.device("cpu"))        # NCCL reduces CUDA tensors only
+        t = torch.tensor([items], dtype=torch.int64, device=device)
         dist.all_reduce(t, group=self.group)
         return int(t.item())
 
@@ -165,9 +169,30 @@ class Comm:
 
 
 def _is_comm_failure(e: BaseException) -> bool:
+    """A collective's error (a peer gone or too slow), not one of the program's own ops."""
     text = str(e)
-    return any(k in text for k in ("gloo", "Gloo", "NCCL", "nccl", "Connection closed", "Connection reset",
-                                   "Timed out", "timed out", "c10d", "ProcessGroup"))
+    return any(k in text for k in ("gloo/transport", "Connection closed", "Connection reset", "Connection refused",
+                                   "Timed out", "timed out", "NCCL error", "ncclRemoteError", "Broken pipe",
+                                   "ProcessGroupGloo", "ProcessGroupNCCL"))
+
+
+def functional_program(gm):
+    """A copy of ``gm`` for a compiler that functionalizes (Inductor): each ``all_reduce_`` as the
+    out-of-place ``all_reduce`` and :func:`wait` as ``wait_tensor``. The same program: nothing
+    reads a reduced buffer except through its wait (passes/allreduce.py)."""
+    c = _functional()
+    if not any(n.op == "call_function" and (n.target is c.all_reduce_.default or n.target is wait)
+               for n in gm.graph.nodes):
+        return gm
+    graph, env = torch.fx.Graph(), {}
+    for n in gm.graph.nodes:
+        new = graph.node_copy(n, lambda a: env[a])
+        if new.op == "call_function" and new.target is c.all_reduce_.default:
+            new.target = c.all_reduce.default
+        elif new.op == "call_function" and new.target is wait:
+            new.target = wait_op()
+        env[n] = new
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _by_device(tensors):

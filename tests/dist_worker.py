@@ -80,6 +80,8 @@ def make_case(name):
         opts.update(accumulate=2)
     elif name == "clip":
         opts.update(max_grad_norm=0.05, update="last:2")
+    elif name == "inductor":          # the same program lowered by Inductor (functional collectives)
+        opts.update(backend="inductor")
     return model, ce, batches, opts
 
 
@@ -99,7 +101,7 @@ def _pockc_case(name, rank):
             for p in model.parameters():
                 p.add_(0.5)
     dist_opts = pockc.Distributed(**opts["dist"])
-    kw = {k: opts[k] for k in ("accumulate", "max_grad_norm") if k in opts}
+    kw = {k: opts[k] for k in ("accumulate", "max_grad_norm", "backend") if k in opts}
     if name == "lora":
         step = pockc.finetune(model, loss_fn, shard(batches[0], rank),
                               lora=pockc.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -124,6 +126,25 @@ def _pockc_case(name, rank):
     out["issue_order"] = [n.name for n in step.graph.graph.nodes
                           if n.op == "call_function" and "all_reduce" in str(n.target)]
     return out, init
+
+
+def _save_load_case(rank, outdir):
+    """Two steps, save, load (a fresh process's view: pockc.load builds its own module), then one
+    more step with each: the loaded step continues exactly as the original."""
+    import pockc
+    model, loss_fn, batches, opts = make_case("full_sgd")
+    step = pockc.compile(model, loss_fn, shard(batches[0], rank), optimizer=opts["optimizer"],
+                         distributed=pockc.Distributed(**opts["dist"]))
+    for b in batches[:2]:
+        step(*shard(b, rank))
+    path = os.path.join(outdir, f"step_rank{rank}")
+    step.save(path)
+    loaded = pockc.load(path)
+    step(*shard(batches[2], rank))
+    loaded(*shard(batches[2], rank))
+    return {"original": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "loaded": {k: v.detach().clone() for k, v in loaded.model.state_dict().items()},
+            "comm": loaded.comm.to_json()}
 
 
 def _ddp_case(name, rank, init):
@@ -179,6 +200,9 @@ def run_cases(rank, port, outdir, cases):
     results = {}
     for name in cases:
         try:
+            if name == "save_load":
+                results[name] = _save_load_case(rank, outdir)
+                continue
             out, init = _pockc_case(name, rank)
             if name not in ("accum",):
                 out["ddp"] = _ddp_case(name, rank, init)

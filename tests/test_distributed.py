@@ -18,7 +18,7 @@ from tests import reference
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
-CASES = ["full_sgd", "last_adamw", "channels", "accum", "clip", "bn_cnn", "lora"]
+CASES = ["full_sgd", "last_adamw", "channels", "accum", "clip", "bn_cnn", "lora", "save_load", "inductor"]
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
@@ -71,7 +71,7 @@ def _eager_global(name, clip=None):
     return model
 
 
-@pytest.mark.parametrize("name", ["full_sgd", "last_adamw", "channels", "accum", "clip"])
+@pytest.mark.parametrize("name", ["full_sgd", "last_adamw", "channels", "accum", "clip", "inductor"])
 def test_matches_eager_on_the_global_batch_and_ddp(ranks, name):
     res = _result(ranks, name)
     model, *_ = W.make_case(name)
@@ -143,6 +143,13 @@ def test_lora_adapters_match_eager_on_the_global_batch(ranks):
         base_state = base.state_dict()
         for k, v in base_state.items():   # the base model is frozen: bit-identical
             assert torch.equal(out["state"][k], v), k
+
+
+def test_a_saved_distributed_step_loads_and_continues_exactly(ranks):
+    for r, out in enumerate(_result(ranks, "save_load")):
+        assert out["comm"]["world_size"] == 2 and out["comm"]["buckets"]
+        for k, v in out["original"].items():
+            assert torch.equal(out["loaded"][k], v), (r, k)
 
 
 def test_a_rank_that_fails_to_compile_makes_every_rank_raise(tmp_path):
