@@ -259,7 +259,7 @@ class _Worker:
                 step = pockc.finetune(model, ex.loss_fn, self.batch, lora=pockc.LoraConfig(**opts["lora"]),
                                       optimizer=opt)
             else:
-                step = pockc.compile(model, ex.loss_fn, self.batch, update=update, optimizer=opt)
+                step = pockc.compile(model, ex.loss_fn, self.batch, update=update, optimizer=opt, distributed=False)
             self.planned_peak = step.memory.peak_bytes
             self._tmp = tempfile.TemporaryDirectory(prefix="pockc-bench-")
             t_export = time.perf_counter()
@@ -274,7 +274,8 @@ class _Worker:
                                       optimizer=opt)
                 step.backend = backend
             else:
-                step = pockc.compile(model, ex.loss_fn, self.batch, update=update, optimizer=opt, backend=backend)
+                step = pockc.compile(model, ex.loss_fn, self.batch, update=update, optimizer=opt, backend=backend,
+                                     distributed=False)
             mem = getattr(step, "memory", None)
             self.planned_peak = getattr(mem, "peak_bytes", None)
             self.runner = step

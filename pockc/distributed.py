@@ -72,7 +72,8 @@ def resolve_distributed(distributed) -> Comm | None:
             raise CompileError(f"Distributed.{name} must be a positive number of MiB, got {v!r}")
     group = distributed.group or dist.group.WORLD
     return Comm(group_name=group.group_name, world_size=dist.get_world_size(group),
-                bucket_bytes=int(distributed.bucket_mb * MiB), first_bucket_bytes=int(distributed.first_bucket_mb * MiB),
+                bucket_bytes=int(distributed.bucket_mb * MiB),
+                first_bucket_bytes=int(distributed.first_bucket_mb * MiB),
                 broadcast_buffers=bool(distributed.broadcast_buffers), group=group, rank=dist.get_rank(group))
 
 

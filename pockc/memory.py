@@ -128,6 +128,7 @@ class StepMemory:
             else:
                 whole.append(t)
         base += storage_bytes(whole)
+        step._sync_buffers(inputs)            # data parallel: as a call does, before the program
         step._executable(gm, inputs)           # built (and a backend lowered) outside the measurement
         if getattr(step, "accumulate", 1) > 1 and step.micro_step + 1 >= step.accumulate:
             step._executable(gm.meta["pockc.apply"], inputs)

@@ -306,7 +306,9 @@ def _finetune(model, loss_fn, train, rules, optimizer, steps, seed):
     """Fine-tune ``model`` in place for ``steps`` steps with only ``rules`` trained."""
     import pockc
     from pockc.budget import _plan_of
-    step = pockc.compile(model, loss_fn, train[0], update=_plan_of(model, rules), optimizer=copy.deepcopy(optimizer))
+    # one process's probe: under torchrun every rank scores on its own (no collectives)
+    step = pockc.compile(model, loss_fn, train[0], update=_plan_of(model, rules), optimizer=copy.deepcopy(optimizer),
+                         distributed=False)
     torch.manual_seed(seed)
     for i in range(steps):
         step(*train[i % len(train)])

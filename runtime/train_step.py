@@ -223,12 +223,17 @@ class TrainStep:
         with torch.no_grad():
             items = self._items(batch)
             inputs = self.inputs(batch, items)
-            if self.comm is not None:   # rank 0's buffers (batch-norm statistics), as DDP's broadcast_buffers
-                k = len(self.layout.params) + len(self.layout.frozen)
-                self.comm.sync_buffers(inputs[k:k + len(self.layout.buffers)])
+            self._sync_buffers(inputs)
             if id(gm) not in self._heap_kept:
                 self._keep_heap(gm, inputs)
             return self._run(gm, inputs, items)
+
+    def _sync_buffers(self, inputs):
+        """Data parallel: rank 0's buffers (batch-norm statistics) before the program runs, as DDP's
+        broadcast_buffers (runtime/distributed.py)."""
+        if self.comm is not None:
+            k = len(self.layout.params) + len(self.layout.frozen)
+            self.comm.sync_buffers(inputs[k:k + len(self.layout.buffers)])
 
     def _items(self, batch) -> int:
         if self.accumulate <= 1:

@@ -181,3 +181,15 @@ def test_options_are_checked():
             pockc.compile(model, W.ce, (x, y), distributed=True)
         step = pockc.compile(model, W.ce, (x, y))        # "auto" without a process group: one process
         assert step.comm is None
+
+
+def test_only_collective_failures_become_comm_errors():
+    from pockc.runtime.distributed import Comm, CommError
+    comm = Comm(group_name="0", world_size=2)
+    own = RuntimeError("Found a custom (non-ATen) operator _c10d_functional::all_reduce_ ...")
+    assert comm.failure(own) is own and comm.failed
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:30084")
+    err = comm.failure(peer)
+    assert isinstance(err, CommError) and "another rank crashed" in str(err)
+    with pytest.raises(CommError, match="out of step"):
+        comm.check_usable()
