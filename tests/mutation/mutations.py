@@ -66,8 +66,8 @@ MUTATIONS: list[Mutation] = [
       audit=True),
     M("sched-anchor-min",
       "passes/schedule_updates.py",
-      "anchor = max(deps, key=pos.__getitem__)",
-      "anchor = min(deps, key=pos.__getitem__)",
+      "anchor = max(after, key=pos.__getitem__)",
+      "anchor = min(after, key=pos.__getitem__)",
       "an update group is placed after its earliest dependency instead of its latest: it runs "
       "before its gradient is final / before readers of the weight",
       ("tests/test_schedule_updates.py",)),
@@ -408,4 +408,33 @@ MUTATIONS: list[Mutation] = [
       "x = F.dropout(x, st.dropout, True)",
       "LoRA dropout stays active in eval mode: inference through an adapted model is random",
       ("tests/test_lora.py::test_lora_dropout_is_random_per_step_and_off_in_eval",)),
+    # --------------------------------------------------- data parallel (passes/allreduce.py, runtime/distributed.py)
+    M("allreduce-sum-not-average",
+      "passes/allreduce.py",
+      '        if op == "avg":\n            w = call(graph, aten.div_.Tensor',
+      '        if False:\n            w = call(graph, aten.div_.Tensor',
+      "the ranks' gradients are summed, not averaged: every update is world-size times too large "
+      "(DDP averages)",
+      ("tests/test_distributed.py",)),
+    M("distributed-no-weight-broadcast",
+      "pockc/distributed.py",
+      "    _broadcast_model(comm, model)\n",
+      "",
+      "compiling does not give every rank rank 0's weights: ranks that initialized differently "
+      "train different models from then on",
+      ("tests/test_distributed.py",)),
+    M("distributed-buffers-not-broadcast",
+      "runtime/distributed.py",
+      "        if not (self.broadcast_buffers and buffers):\n            return",
+      "        if True:\n            return",
+      "batch-norm running statistics are never broadcast from rank 0: each rank's drift apart, "
+      "unlike DDP's broadcast_buffers=True",
+      ("tests/test_distributed.py",)),
+    M("distributed-accumulate-local-items",
+      "runtime/train_step.py",
+      "                total = self.comm.global_items(total)",
+      "                total = total",
+      "with accumulation the summed gradients are divided by this rank's items, not the global "
+      "batch's: the update is world-size times too large",
+      ("tests/test_distributed.py",)),
 ]
