@@ -40,19 +40,14 @@ import torch.fx as fx
 
 from pockc.runtime.distributed import is_issue, is_wait, wait
 
-from .fx_utils import PassResult, call, getitem, reorder
+from .fx_utils import PassResult, call, getitem, is_view, reorder
 
 aten = torch.ops.aten
-
-
-def _functional():
-    return torch.ops._c10d_functional
 
 
 def _root(node):
     """(root node, chain of view nodes from the root down to ``node``) for a chain of single-input
     views; (node, []) otherwise."""
-    from .fx_utils import is_view
     chain = []
     while is_view(node) and node.args and isinstance(node.args[0], fx.Node) and node.target is not operator.getitem:
         chain.append(node)
@@ -60,10 +55,10 @@ def _root(node):
     return node, chain[::-1]
 
 
-def _owned(node, roots: dict, shared: set) -> bool:
-    """True when the step may overwrite ``node``'s storage: a fresh tensor the step computes (not
-    an input, a constant, or an in-place result over one), that no other gradient shares."""
-    return node.op == "call_function" and roots.get(node) is node and node not in shared and not is_issue(node)
+def _fresh(node, roots: dict) -> bool:
+    """True when ``node``'s storage is a fresh tensor the step computes (not an input, a constant,
+    or an in-place result over one), so the step may overwrite it."""
+    return node.op == "call_function" and roots.get(node) is node and not is_issue(node)
 
 
 def buckets_of(grads, vals, first_bucket_bytes: int, bucket_bytes: int) -> list:
@@ -96,7 +91,7 @@ def reduce_gradients(gm: fx.GraphModule, graph: fx.Graph, layout, grads: list, w
     Records the buckets, in issue order, in ``gm.meta['pockc.buckets']`` (runtime/distributed.Comm's
     ``buckets``)."""
     from .schedule_updates import storage_roots
-    c = _functional()
+    c = torch.ops._c10d_functional
     storage = storage_roots(graph)
     pos = {n: i for i, n in enumerate(graph.nodes)}
     order = sorted(range(len(grads)), key=lambda i: pos[grads[i]])        # the order they become final
@@ -109,17 +104,17 @@ def reduce_gradients(gm: fx.GraphModule, graph: fx.Graph, layout, grads: list, w
     out = list(grads)
     buckets = gm.meta["pockc.buckets"] = []
 
-    def reduced(t):
-        """all_reduce_ / all_reduce of ``t`` (summed over the ranks), waited for; divided by the world
-        size for "avg", in place by a 0-dim constant of its dtype (gloo's own "avg", and a Python
-        scalar, allocate a few bytes inside the kernel that the memory plan would not see)."""
-        issue = c.all_reduce_.default if t is not None and t in inplace_roots else c.all_reduce.default
+    def reduced(t, inplace):
+        """all_reduce_ (``inplace``) / all_reduce of ``t`` (summed over the ranks), waited for;
+        divided by the world size for "avg", in place by a 0-dim constant of its dtype (gloo's own
+        "avg", and a Python scalar, allocate a few bytes inside the kernel that the memory plan
+        would not see)."""
+        issue = c.all_reduce_.default if inplace else c.all_reduce.default
         w = call(graph, wait, (call(graph, issue, (t, "sum", comm.group_name)),))
         if op == "avg":
             w = call(graph, aten.div_.Tensor, (w, _world_constant(gm, graph, w, comm.world_size)))
         return w
 
-    inplace_roots = set()
     for k, idx in enumerate(buckets_of(order, vals, comm.first_bucket_bytes, comm.bucket_bytes)):
         before = set(graph.nodes)
         names = [layout.grads[i][0] for i in idx]
@@ -131,14 +126,13 @@ def reduce_gradients(gm: fx.GraphModule, graph: fx.Graph, layout, grads: list, w
                 r, chain = roots[i]
                 rv = r.meta.get("val")
                 whole = isinstance(rv, torch.Tensor) and rv.numel() == vals[i].numel() and rv.is_contiguous()
-                if (owned or _owned(r, storage, shared)) and whole and r not in shared:
-                    inplace_roots.add(r)
-                    w = reduced(r)
+                if (owned or _fresh(r, storage)) and whole and r not in shared:
+                    w = reduced(r, True)
                     for v in chain:                                         # the same views of the result
                         w = call(graph, v.target, (w, *v.args[1:]), dict(v.kwargs))
                     out[i], inplace = w, True
                 else:
-                    out[i] = reduced(grads[i])
+                    out[i] = reduced(grads[i], False)
             else:
                 parts = []
                 for i in idx:
@@ -147,8 +141,7 @@ def reduce_gradients(gm: fx.GraphModule, graph: fx.Graph, layout, grads: list, w
                         g = call(graph, aten.clone.default, (g,), {"memory_format": torch.contiguous_format})
                     parts.append(call(graph, aten.view.default, (g, [-1])))
                 flat = call(graph, aten.cat.default, (parts,))
-                inplace_roots.add(flat)
-                w = reduced(flat)
+                w = reduced(flat, True)
                 pieces = call(graph, aten.split_with_sizes.default, (w, [vals[i].numel() for i in idx]))
                 for j, i in enumerate(idx):
                     out[i] = call(graph, aten.view.default, (getitem(graph, pieces, j), list(vals[i].shape)))

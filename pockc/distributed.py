@@ -26,8 +26,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-import torch
-
 from pockc.errors import CompileError
 from pockc.runtime.distributed import Comm
 
@@ -134,15 +132,4 @@ def compile_collectively(comm: Comm, build, model):
 
 def _broadcast_model(comm: Comm, model):
     """Rank 0's parameters and buffers on every rank (DDP's constructor does the same)."""
-    import torch.distributed as dist
-    tensors, seen = [], set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            tensors.append(t.detach())
-    by_device = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    with torch.no_grad():
-        for ts in by_device.values():
-            dist._broadcast_coalesced(comm.group, ts, 250 * MiB, 0)
+    comm.broadcast_from_rank0([*model.parameters(), *model.buffers()])

@@ -16,6 +16,7 @@ This module imports torch only; it is part of pockc's runtime.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -29,9 +30,10 @@ def _functional():
     return torch.ops._c10d_functional
 
 
-def issue_ops() -> set:
+@functools.cache
+def issue_ops() -> frozenset:
     c = _functional()
-    return {c.all_reduce_.default, c.all_reduce.default}
+    return frozenset({c.all_reduce_.default, c.all_reduce.default})
 
 
 def wait_op():
@@ -143,11 +145,18 @@ class Comm:
 
     def sync_buffers(self, buffers):
         """Rank 0's values of ``buffers`` on every rank, as DDP's broadcast_buffers."""
-        if not (self.broadcast_buffers and buffers):
-            return
+        if self.broadcast_buffers and buffers:
+            self.broadcast_from_rank0(buffers)
+
+    def broadcast_from_rank0(self, tensors):
+        """Overwrite ``tensors`` (the same list on every rank) in place with rank 0's values,
+        coalesced per device as DDP's constructor and its broadcast_buffers do."""
         import torch.distributed as dist
+        by_device = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t.detach())
         with torch.no_grad():
-            for dev_tensors in _by_device(buffers):
+            for dev_tensors in by_device.values():
                 dist._broadcast_coalesced(self.group, dev_tensors, 256 * 1024 * 1024, 0)
 
     def global_items(self, items: int) -> int:
@@ -193,10 +202,3 @@ def functional_program(gm):
             new.target = wait_op()
         env[n] = new
     return torch.fx.GraphModule(gm, graph)
-
-
-def _by_device(tensors):
-    out = {}
-    for t in tensors:
-        out.setdefault(t.device, []).append(t)
-    return list(out.values())
