@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from pockc.runtime.arena import greedy_by_size, pack
 from pockc.runtime.optim import ACCUM_STATE
 
 from .fx_utils import OUTPUT_MASK_ARG, alias_source, is_view, mutated_args, returns_input
@@ -331,11 +332,11 @@ def _align(x):
 
 def _arena(storages) -> int:
     """Assign offsets: persistent writable storage first, then the transient storage by the
-    best of several greedy orders (largest first, TFLite's policy; largest size x lifetime
-    first; by start time), each placing an item at the lowest offset where it overlaps nothing
-    alive at the same time; plus perturbed size orders for graphs up to 600 storages. Workspaces
-    under 1 KiB (wrapped Python numbers: a few bytes at many nodes) are placed after the search,
-    largest first, into the best layout found, so that they cost the search nothing."""
+    best of several greedy orders (runtime/arena.py :func:`pack`: largest first, TFLite's policy;
+    largest size x lifetime first; by start time; perturbed size orders), each placing an item at
+    the lowest offset where it overlaps nothing alive at the same time. Workspaces under 1 KiB
+    (wrapped Python numbers: a few bytes at many nodes) are placed after the search, largest
+    first, into the best layout found, so that they cost the search nothing."""
     off = 0
     for s in storages:
         if s.persistent and s.kind in WRITABLE_KINDS:
@@ -346,22 +347,8 @@ def _arena(storages) -> int:
     ids = {id(s) for s in small}
     trans = [s for s in storages if not s.persistent and s.nbytes > 0 and id(s) not in ids]
     late = sorted(small, key=lambda s: (-s.nbytes, s.start))
-    orders = (lambda s: (-s.nbytes, s.start),
-              lambda s: (-s.nbytes * (s.end - s.start + 1), s.start),
-              lambda s: (s.start, -s.nbytes))
-    rng = np.random.default_rng(0)
-    tries = [sorted(trans, key=k) for k in orders]
-    if 0 < len(trans) <= 600:  # perturbed size orders: fragmentation is order-sensitive
-        for _ in range(12):
-            noise = rng.uniform(0.7, 1.3, len(trans))
-            tries.append([trans[i] for i in np.argsort([-s.nbytes * f for s, f in zip(trans, noise)], kind="stable")])
-    best = None
-    for ordered in tries:
-        offsets = greedy_by_size([(s.start, s.end, _align(s.nbytes)) for s in ordered])
-        top = max((o + _align(s.nbytes) for s, o in zip(ordered, offsets)), default=0)
-        if best is None or top < best[0]:
-            best = (top, ordered, offsets)
-    top, ordered, offsets = best
+    top, order, offsets = pack([(s.start, s.end, _align(s.nbytes)) for s in trans])
+    ordered = [trans[i] for i in order]
     if late:   # the same placement for the searched items (greedy is sequential), then the rest
         ordered = ordered + late
         offsets = greedy_by_size([(s.start, s.end, _align(s.nbytes)) for s in ordered])
@@ -369,33 +356,6 @@ def _arena(storages) -> int:
     for s, o in zip(ordered, offsets):
         s.offset = base + o
     return base + top
-
-
-def greedy_by_size(items) -> list:
-    """Offsets for ``(start, end, size)`` items in the given order (largest first is TFLite's
-    greedy-by-size): each goes at the lowest offset where it overlaps, in time and space, no item
-    placed before it."""
-    n = len(items)
-    starts = np.empty(n, dtype=np.int64)
-    ends = np.empty(n, dtype=np.int64)
-    offs = np.empty(n, dtype=np.int64)
-    sizes = np.empty(n, dtype=np.int64)
-    out = []
-    for k, (a, b, size) in enumerate(items):
-        if k:
-            m = (starts[:k] <= b) & (ends[:k] >= a)
-            o_, s_ = offs[:k][m], sizes[:k][m]
-            order = np.argsort(o_, kind="stable")
-            cand = 0
-            for lo, sz in zip(o_[order].tolist(), s_[order].tolist()):
-                if lo >= cand + size:
-                    break
-                cand = max(cand, lo + sz)
-        else:
-            cand = 0
-        starts[k], ends[k], offs[k], sizes[k] = a, b, cand, size
-        out.append(cand)
-    return out
 
 
 def check_arena(plan: MemoryPlan) -> None:

@@ -73,13 +73,15 @@ def run_passes(gm, stages):
 
 
 def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule: bool = True,
-                accumulate: int = 1, max_grad_norm=None, head_chunk_rows=None, comm=None):
+                accumulate: int = 1, max_grad_norm=None, head_chunk_rows=None, comm=None, portable: bool = False):
     """The pipeline: trace the joint graph, prune it, add the optimizer, schedule. With
     ``accumulate`` > 1 the graph accumulates gradients and ``gm.meta["pockc.apply"]`` is the
     program that applies them (passes/insert_optimizer.py). ``head_chunk_rows``: tokens per chunk
     of the fused output layer + cross-entropy (passes/fuse_linear_ce.py); None: about 16 MiB of
     float32 logits per chunk; 0: no fusion. ``comm`` (runtime/distributed.Comm): data parallel, the
-    trained gradients all-reduced in the graph (passes/allreduce.py)."""
+    trained gradients all-reduced in the graph (passes/allreduce.py). ``portable``: a graph of
+    plain contiguous ATen ops for another runtime (runtime/executorch.py): no channels-last layout,
+    no oneDNN 1x1 convolutions, no ``_foreach_*`` updates."""
     gm, layout = trace_joint(model, loss_fn, batch, plan)                 # forward + needed backward
     fuse_head = [] if head_chunk_rows == 0 else [
         ("fuse_linear_ce", lambda g: fuse_linear_ce(g, min_classes=1024, chunk_rows=head_chunk_rows))]
@@ -88,11 +90,14 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
     ] + fuse_head + [                                                    # head + loss in chunks, no logits
         ("fuse_ce_backward", lambda g: fuse_ce_backward(g, min_classes=1024)),                           # CE grad in place over log-probs
         ("fold_batchnorm", lambda g: fold_batchnorm(g, layout)),        # frozen eval BN into its conv
+    ] + ([] if portable else [
         ("channels_last", lambda g: channels_last(g, layout)),          # NHWC activations on CPU
         ("pointwise_conv", lambda g: pointwise_conv(g, layout)),        # NHWC 1x1 convs as one GEMM
+    ]) + [
         ("activation_output", lambda g: activation_output(g, layout)),  # ReLU6 backward from its output
         ("insert_optimizer", lambda g: insert_optimizer(g, layout, optimizer, accumulate=accumulate,
-                                                        max_grad_norm=max_grad_norm, comm=comm)),  # in-place updates
+                                                        max_grad_norm=max_grad_norm, comm=comm,
+                                                        foreach_min_tensors=_NO_FOREACH if portable else None)),
         ("plan_memory(before)", lambda g: _record_peak_before(g, layout)),  # for the report
         ("schedule_updates", schedule_updates),                           # update right after grad
     ] + ([("schedule_memory", lambda g: schedule_memory(g, layout)),   # reorder for a lower peak
@@ -101,6 +106,8 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
         + ([("overlap_collectives", lambda g: overlap_collectives(g, layout))] if comm is not None else []))
     return gm, layout
 
+
+_NO_FOREACH = 1 << 62   # foreach_min_tensors that no group reaches: one update per tensor
 
 _PROBE_CACHE: dict = {}   # planned peaks of single-layer probe plans, reused by later compiles
 
@@ -373,8 +380,8 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
         warnings.warn(f"pockc: trained parameters with no path to the loss get no update: {layout.unused}",
                       stacklevel=2)
 
-    def recompile(new_batch, opt):
-        g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, opt, **gopts)
+    def recompile(new_batch, opt, portable=False):
+        g, lay = build_graph(model, loss_fn, tuple(new_batch), plan, opt, **gopts, portable=portable)
         if lay.to_dict() != layout.to_dict():
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "inputs (a submodule with other parameters?); compile again")
@@ -382,6 +389,10 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "gradient all-reduces; compile again on every rank")
         if remat_report is not None:   # recompute the same tensors in the new shapes
+            if portable and remat_report.paged:
+                raise CompileError("this step pages activations to a file between its forward and backward passes "
+                                   "(remat='auto' under its budget); another runtime cannot run that: compile with "
+                                   "remat='recompute' to export it")
             from pockc.passes.rematerialize import rematerialize
             g = rematerialize(g, lay, None, recompute=remat_report.recomputed,
                               page=remat_report.paged).graph_module

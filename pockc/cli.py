@@ -413,9 +413,10 @@ def _evaluate(model, loss_fn, val, metric):
 def cmd_compile(args):
     if not os.path.isfile(args.model):
         raise UsageError(f"model file {args.model!r} not found")
-    if args.accumulate > 1 and args.target == "aoti":
-        raise UsageError(f"--target aoti cannot export a step with --accumulate {args.accumulate} (it runs two "
-                         "programs): drop one of them")
+    if args.accumulate > 1 and args.target in ("aoti", "executorch"):
+        raise UsageError(f"--target {args.target} cannot export a step with --accumulate {args.accumulate} (it "
+                         "runs two programs): drop one of them")
+    _check_target(args)
     created = _prepare_out(args.out)      # before any work: a bad -o fails now, not after compiling
     try:
         return _compile(args)
@@ -542,7 +543,7 @@ def _compile(args):
           + (", scores.json" if scores is not None else "")
           + f", model.safetensors (the {'fine-tuned ' if args.epochs else ''}state dict), step/ (the saved step: "
           f"pockc.load({os.path.join(args.out, 'step')!r}) or `pockc train {args.out} --epochs N` continues it)"
-          + (f", {os.path.basename(exported)} (AOTInductor package)" if exported else "")
+          + (f", {os.path.basename(exported[0])} ({exported[1]})" if exported else "")
           + (f" (removed {', '.join(removed)} from an earlier run)" if removed else ""))
     return 0
 
@@ -589,12 +590,36 @@ def _run_training(args, step, train, run, model):
     return None
 
 
+def _check_target(args):
+    if getattr(args, "target", None) == "executorch":
+        from pockc.runtime import executorch
+        try:
+            executorch._import()
+        except ImportError as e:
+            raise UsageError(f"--target executorch: {e}") from None
+
+
 def _export(args, step):
-    if getattr(args, "target", None) in (None, "step"):
+    """Export the step for --target; returns (path, one line for the report) or None."""
+    target = getattr(args, "target", None)
+    if target in (None, "step"):
         return None
-    path = os.path.join(args.out, "train_step.pt2")
-    step.export(path, target=args.target)
-    return path
+    if target == "aoti":
+        path = os.path.join(args.out, "train_step.pt2")
+        step.export(path, target="aoti")
+        return path, "AOTInductor package"
+    from pockc.memory import format_bytes, parse_bytes
+    from pockc.runtime import executorch
+    path = os.path.join(args.out, "train_step.pte")
+    budget = parse_bytes(args.budget) if getattr(args, "budget", None) is not None else None
+    try:
+        step.export(path, target="executorch", budget=budget)
+    except executorch.ArenaOverBudget as e:
+        raise RunError(f"--target executorch: {e}") from None
+    train = executorch.program_report(path)["methods"]["train_step"]
+    return path, (f"ExecuTorch program; train_step arena {format_bytes(train['arena'])}: "
+                  f"{train['activations']:,} B activations + {train['state']:,} B trained state"
+                  + (f", within --budget {args.budget}" if budget is not None else ""))
 
 
 def cmd_train(args):
@@ -604,6 +629,9 @@ def cmd_train(args):
     out = args.out or args.resume
     if out is None:
         raise UsageError("name the output directory of an earlier `pockc compile -o OUT` run: pockc train OUT")
+    if args.target == "executorch":
+        raise UsageError("--target executorch exports from `pockc compile` (it traces the model again without the "
+                         "CPU-specific passes, which a saved step cannot): run pockc compile ... --target executorch")
     step_dir = os.path.join(out, training.STEP_DIR)
     from pockc.runtime.artifact import read_manifest
     if not os.path.isdir(step_dir):
@@ -659,7 +687,7 @@ def cmd_train(args):
         raise RunError(f"{out}: could not write the checkpoint ({e.strerror or e}); the previous one is intact") from None
     print("\n".join(lines))
     print(f"wrote {os.path.join(out, 'model.safetensors')}, {step_dir}/ (step {step.step_count}), train_report.txt"
-          + (f", {os.path.basename(exported)}" if exported else ""))
+          + (f", {os.path.basename(exported[0])} ({exported[1]})" if exported else ""))
     return 0
 
 
@@ -716,9 +744,11 @@ def build_parser():
     c.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: frozen weights in bfloat16 and bfloat16 autocast compute, trained tensors and "
                         "optimizer state in float32 (default fp32: the model's own dtypes)")
-    c.add_argument("--target", choices=["step", "aoti"], default="step",
+    c.add_argument("--target", choices=["step", "aoti", "executorch"], default="step",
                    help="also export the step: aoti writes -o/train_step.pt2, an AOTInductor package a C++ "
-                        "program runs (default: only the saved step -o/step/)")
+                        "program runs; executorch writes -o/train_step.pte, an ExecuTorch program for phones "
+                        "and microcontrollers (its planned arena must fit --budget) (default: only the saved "
+                        "step -o/step/)")
     c.add_argument("-o", "--out", default="build", help="output directory (default: build/)")
     c.set_defaults(func=cmd_compile)
     t = sub.add_parser("train", help="continue training the step saved in an output directory",
@@ -731,7 +761,8 @@ def build_parser():
     t.add_argument("--lr", type=_rate, default=None, help="learning rate of the new run (default: the last run's)")
     t.add_argument("--save-every", type=_count, default=0, metavar="K", help="write a checkpoint every K steps")
     t.add_argument("--model", default=None, metavar="FILE", help="the model file (default: the one the run used)")
-    t.add_argument("--target", choices=["step", "aoti"], default="step", help="also export the step (aoti: .pt2)")
+    t.add_argument("--target", choices=["step", "aoti", "executorch"], default="step",
+                   help="also export the step (aoti: .pt2, executorch: .pte)")
     t.add_argument("-v", "--verbose", action="store_true", help="progress bars")
     t.set_defaults(func=cmd_train)
     from pockc import bench  # the suite's logic and options live in pockc/bench.py

@@ -423,10 +423,10 @@ def _build_plan(model, loss_fn, batch, plan, optimizer, capture, traced_fn, used
                       stacklevel=4)
     how = used
 
-    def recompile(new_batch, opt):
+    def recompile(new_batch, opt, portable=False):
         new_batch = tuple(new_batch)
         fn = export_loss(model, loss_fn, new_batch)[0] if how == "export" else loss_fn
-        g, lay = build_graph(model, fn, new_batch, plan, opt, **gopts)
+        g, lay = build_graph(model, fn, new_batch, plan, opt, **gopts, portable=portable)
         if lay.to_dict() != layout.to_dict():
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "inputs; call finetune again")

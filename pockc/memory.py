@@ -13,50 +13,24 @@ exactly (runtime/memory.py CpuPeakTracker): that equals the plan less its worksp
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from pockc.errors import BudgetError
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
-          "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3}
+from pockc.runtime.memory import format_bytes, parse_size  # noqa: F401  (format_bytes: used across pockc)
 
 
 def parse_bytes(text) -> int:
     """``"256KB"`` -> 262144. B, KB/MB/GB (binary, 1024) and KiB/MiB/GiB, any case; an int is bytes.
+    A BudgetError for anything else.
 
     >>> parse_bytes("256KB"), parse_bytes("1.5 MiB"), parse_bytes(4096)
     (262144, 1572864, 4096)
     """
-    if isinstance(text, bool):
-        raise BudgetError(f"budget must be a size such as '256KB', got {text!r}")
-    if isinstance(text, int):
-        if text <= 0:
-            raise BudgetError(f"budget must be positive, got {text}")
-        return text
-    if not isinstance(text, str):
-        raise BudgetError(f"budget must be a size such as '256KB' or a number of bytes, got {type(text).__name__}")
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m:
-        raise BudgetError(f"cannot read budget {text!r}: write a positive size such as 256KB, 1.5MB or 4096 "
-                          "(units B, KB, MB, GB = 1024-based; KiB, MiB, GiB)")
-    unit = m.group(2).lower()
-    if unit not in _UNITS:
-        raise BudgetError(f"unknown unit {m.group(2)!r} in budget {text!r}: use B, KB, MB, GB (1024-based) "
-                          "or KiB, MiB, GiB")
-    value = float(m.group(1)) * _UNITS[unit]
-    if value < 1:
-        raise BudgetError(f"budget {text!r} is less than one byte")
-    return int(value)
-
-
-def format_bytes(n: int) -> str:
-    """262144 -> '256.0 KB (262,144 B)' (binary units, exact bytes echoed)."""
-    for unit, size in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit} ({n:,} B)"
-    return f"{n:,} B"
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise BudgetError(str(e)) from None
 
 
 class StepMemory:

@@ -463,6 +463,9 @@ def load(path, *, model: torch.nn.Module | None = None, device=None, verify: boo
     if path.endswith(".pt2") and not os.path.isdir(path):
         from .aoti import load_aoti
         return load_aoti(path)
+    if path.endswith(".pte") and not os.path.isdir(path):
+        from .executorch import load_executorch
+        return load_executorch(path, strict_versions=strict_versions)
     m = read_manifest(path)
     full = os.path.join(path, MANIFEST)
     if strict_versions:

@@ -12,3 +12,7 @@ class StepError(ValueError):
 class ArtifactError(ValueError):
     """A saved step that cannot be loaded: a missing, truncated or altered file, or one written by
     another pockc or torch version. The message names the file."""
+
+
+class ArenaOverBudget(StepError):
+    """An exported program's planned arena is larger than the budget it was given."""

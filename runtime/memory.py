@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import threading
 import weakref
 
@@ -96,6 +97,43 @@ __all__ = ["measure_peak", "measure_peak_total", "measure_allocator_peak", "stor
 _FRESH = {torch.ops.aten.lift_fresh.default}
 if hasattr(torch.ops.aten, "lift_fresh_copy"):
     _FRESH.add(torch.ops.aten.lift_fresh_copy.default)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+          "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3}
+
+
+def parse_size(text) -> int:
+    """``"256KB"`` -> 262144. B, KB/MB/GB (binary, 1024) and KiB/MiB/GiB, any case; an int is
+    bytes. A ValueError naming the problem for anything else."""
+    if isinstance(text, bool):
+        raise ValueError(f"budget must be a size such as '256KB', got {text!r}")
+    if isinstance(text, int):
+        if text <= 0:
+            raise ValueError(f"budget must be positive, got {text}")
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"budget must be a size such as '256KB' or a number of bytes, got {type(text).__name__}")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m:
+        raise ValueError(f"cannot read budget {text!r}: write a positive size such as 256KB, 1.5MB or 4096 "
+                         "(units B, KB, MB, GB = 1024-based; KiB, MiB, GiB)")
+    unit = m.group(2).lower()
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit {m.group(2)!r} in budget {text!r}: use B, KB, MB, GB (1024-based) "
+                         "or KiB, MiB, GiB")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise ValueError(f"budget {text!r} is less than one byte")
+    return int(value)
+
+
+def format_bytes(n: int) -> str:
+    """262144 -> '256.0 KB (262,144 B)' (binary units, exact bytes echoed)."""
+    for unit, size in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit} ({n:,} B)"
+    return f"{n:,} B"
 
 
 def _storage(t):

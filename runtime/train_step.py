@@ -66,6 +66,7 @@ class TrainStep:
         self.update_plan = update_plan
         self._signature = batch_signature(tuple(example_batch))
         self._nargs = len(example_batch)
+        self._example = tuple(example_batch)   # what export(target="executorch") traces by default
         self._opt_names = (tuple(optimizer.state_names), tuple(optimizer.scalar_names))
         self._key = (self._signature, module_key(model), optimizer.graph_key())
         self._graphs = {self._key: graph}
@@ -331,7 +332,29 @@ class TrainStep:
                                 "save this one with step.save(dir)")
             from .aoti import export_aoti
             return export_aoti(self, path, **kwargs)
-        raise ValueError(f"unknown export target {target!r}; use 'aoti' (or step.save(path) for pockc's own format)")
+        if target == "executorch":
+            from .executorch import export_executorch
+            return export_executorch(self, path, **kwargs)
+        raise ValueError(f"unknown export target {target!r}; use 'aoti' or 'executorch' (or step.save(path) for "
+                         "pockc's own format)")
+
+    def portable_graph(self, batch):
+        """The step's program for ``batch`` as plain contiguous ATen ops, for another runtime
+        (runtime/executorch.py): recompiled without the CPU-specific layout passes (channels-last,
+        oneDNN 1x1 convolutions, ``_foreach_*`` updates) when the step can recompile, else its own
+        program if it has none of them (a StepError naming them otherwise)."""
+        if self._recompile is not None:
+            try:
+                return self._recompile(tuple(batch), self.optimizer, portable=True)
+            except TypeError as e:
+                if "portable" not in str(e):
+                    raise
+        gm = self._graph_for(tuple(batch))
+        bad = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function" and not _portable_node(n)})
+        if bad:
+            raise StepError(f"this step's program uses CPU-specific ops ({', '.join(bad)}) and the step cannot "
+                            "recompile (a loaded step): export it from the step pockc.compile returned")
+        return gm
 
     def print_trainable_parameters(self):
         print(self.update_plan.summary() if self.update_plan is not None else "")
@@ -340,6 +363,14 @@ class TrainStep:
         n = len(self.graph.graph.nodes)
         return (f"TrainStep({type(self.model).__name__}, trains {len(self.layout.grads)} tensors, "
                 f"{type(self.optimizer).__name__}, {n} graph nodes)")
+
+
+def _portable_node(n) -> bool:
+    """Whether a node of a step's program is plain ATen in the contiguous layout."""
+    name = getattr(n.target, "__name__", str(n.target))
+    if "_foreach_" in name or "mkldnn" in str(n.target):
+        return False
+    return n.kwargs.get("memory_format") not in (torch.channels_last, torch.channels_last_3d)
 
 
 def signature_difference_any(sig, ref) -> str:
