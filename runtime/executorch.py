@@ -38,9 +38,10 @@ How the step becomes a program (each point fails, silently or loudly, otherwise;
 Memory. ExecuTorch's graph is functional: each update computes the new value and a ``copy_``
 writes it back. Its ``copy_``\\ s come at the end of the program, so every new value would live to
 the end; :func:`write_back_early` moves each right after the last read of the old value, as pockc's
-own schedule updates a tensor right after its gradient. Offsets are then planned by
-:func:`pockc_memory_algo` (pockc's arena search, runtime/arena.py) in place of ExecuTorch's greedy
-planner. The planned arena is read back from the program (``non_const_buffer_sizes``): memory id
+own schedule updates a tensor right after its gradient, and :func:`late_from_inputs` computes
+what depends on weights only right before its use. Offsets are then planned by
+:func:`pockc_memory_algo`: pockc's arena search (runtime/arena.py) and ExecuTorch's greedy
+planner, the smaller layout kept. The planned arena is read back from the program (``non_const_buffer_sizes``): memory id
 1 holds the method's activations and temporaries, id 2 the shared mutable state. ``budget=``
 bounds the train step's arena (both ids).
 
@@ -235,40 +236,54 @@ def late_from_inputs(gm: torch.fx.GraphModule):
 
 
 def pockc_memory_algo(alignment, specs, graph_module, graph_signature, extra_padding=0):
-    """ExecuTorch memory-planning algorithm (``MemoryPlanningPass(memory_planning_algo=...)``)
-    that places the tensors of each memory id with pockc's arena search (runtime/arena.py: the
-    best of several greedy orders) instead of ExecuTorch's single largest-first greedy pass.
-    Sets each spec's ``mem_id`` / ``mem_offset`` / ``mem_obj_id`` and returns the size of each
-    memory id, as ExecuTorch's MemoryPlanningAlgorithmSuite does."""
+    """ExecuTorch memory-planning algorithm (``MemoryPlanningPass(memory_planning_algo=...)``):
+    places the tensors of each memory id with pockc's arena search (runtime/arena.py: the best of
+    several greedy orders) and with ExecuTorch's own greedy planner, and keeps the smaller layout
+    (ExecuTorch's MemoryPlanningAlgorithmSuite picks it). Returns the size of each memory id."""
+    from executorch.exir.memory_planning import MemoryPlanningAlgorithmSuite, greedy
+    return MemoryPlanningAlgorithmSuite([_pockc_layout, greedy])(alignment, specs, graph_module, graph_signature,
+                                                                  extra_padding)
+
+
+def _pockc_layout_sizes(alignment, specs, graph_module, graph_signature, extra_padding=0):
+    """pockc's arena search alone, as a memory_planning_algo (for tests: ExecuTorch's verifier)."""
+    from executorch.exir.memory_planning import MemoryPlanningAlgorithmSuite
+    return MemoryPlanningAlgorithmSuite([_pockc_layout])(alignment, specs, graph_module, graph_signature, extra_padding)
+
+
+def _pockc_layout(alignment, specs, graph_module, graph_signature, extra_padding=0):
+    """pockc's arena search over ExecuTorch's tensor specs, as an ExecuTorch MemoryAlgoResult."""
+    from executorch.exir.memory_planning import MemoryAlgoResult, SpecAllocResult
+    result = MemoryAlgoResult({}, [])
     by_mem, based = {}, []
     for spec in specs:
-        if spec.mem_id is None:
-            spec.mem_id = 1
+        mem_id = 1 if spec.mem_id is None else spec.mem_id
+        result.spec_dict[spec] = SpecAllocResult(mem_id, 0, 0)
         spec.realign(alignment)
-        (based if spec.storage_base is not None else by_mem.setdefault(spec.mem_id, [])).append(spec)
+        (based if spec.storage_base is not None else by_mem.setdefault(mem_id, [])).append(spec)
     start_sizes = getattr(graph_module, "input_mem_buffer_sizes", None) or []
     sizes = [0] * (max(list(by_mem) + [1]) + 1)
     for mem_id, group in by_mem.items():
         base = start_sizes[mem_id] if mem_id < len(start_sizes) else 0
-        # extra_padding (64 B when XNNPACK runs part of the program: its kernels read and write past a
-        # tensor's end) goes after every tensor, not only at the end of the arena
-        items = [(int(s.lifetime[0]), int(s.lifetime[1]), int(s.allocated_memory) + extra_padding) for s in group]
+        items = [(int(s.lifetime[0]), int(s.lifetime[1]), int(s.allocated_memory)) for s in group]
         top, order, offsets = pack(items)
         for k, (i, off) in enumerate(zip(order, offsets)):
-            group[i].mem_offset, group[i].mem_obj_id = base + off, k
+            r = result.spec_dict[group[i]]
+            r.mem_offset, r.mem_obj_id = base + off, k
         sizes[mem_id] = base + top + extra_padding
     todo = based
     while todo:     # views planned inside their base: its offset plus theirs
         left = [s for s in todo if s.storage_base in todo]
         for spec in todo:
             if spec not in left:
-                b = spec.storage_base
-                spec.mem_id, spec.mem_obj_id = b.mem_id, b.mem_obj_id
-                spec.mem_offset = b.mem_offset + spec.storage_base_offset
+                r, rb = result.spec_dict[spec], result.spec_dict[spec.storage_base]
+                r.mem_id, r.mem_obj_id = rb.mem_id, rb.mem_obj_id
+                r.mem_offset = rb.mem_offset + spec.storage_base_offset
         if len(left) == len(todo):
             raise StepError("ExecuTorch memory planning: a circular storage_base chain")
         todo = left
-    return sizes
+    result.bufsizes = sizes
+    return result
 
 
 def _frozen_xnnpack_partitioner():
