@@ -349,7 +349,67 @@ def load_aoti(path, *, strict_versions: bool = True, device=None) -> "AotiStep":
     return AotiStep(path, compiled, manifest, constants)
 
 
-class AotiStep:
+class ExportedStep:
+    """What a step run by another runtime from an exported file shares (AOTInductor's
+    :class:`AotiStep`, ExecuTorch's runtime/executorch.py ``ExecutorchStep``): the optimizer,
+    checked; a call that checks the batch signature and the optimizer, passes the per-step
+    scalars for ``step_count`` and the batch tensors to ``_execute`` and counts the step; errors
+    naming the file. Subclasses set ``source``, ``manifest``, ``_signature``, ``_nargs``,
+    ``_scalar_names``, ``_opt_key``, ``step_count``, ``_lock`` and ``_what`` (the file's kind)."""
+
+    _what = "package"
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, opt):
+        self._optimizer = checked_optimizer(opt)
+
+    def __call__(self, *batch):
+        with self._lock:
+            sig = batch_signature(batch)
+            if sig != self._signature:
+                raise BatchError(self._batch_mismatch(batch, sig))
+            opt = self._optimizer
+            if opt.graph_key() != self._opt_key:
+                raise StepError(self._optimizer_mismatch(opt))
+            s = opt.scalars(self.step_count)
+            inputs = [torch.tensor(s[n], dtype=torch.float64) for n in self._scalar_names]
+            inputs += [t if t.is_contiguous() else t.contiguous() for t in batch_tensors(batch)]
+            out = self._execute(inputs)
+            self.step_count += 1
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def _batch_mismatch(self, batch, sig) -> str:
+        where, what = f"{self.source}: ", self._what
+        ref = self._signature
+        if len(batch) != self._nargs:
+            return (f"{where}batch has {len(batch)} elements, the {what} was exported for {self._nargs}: "
+                    + ", ".join(f"batch{p}: {describe_leaf(s)}" for p, s in ref[1]))
+        why = signature_difference(sig, ref)
+        if not why:
+            for (p, a), (_, b) in zip(sig[1], ref[1]):
+                if a != b:
+                    why = (f"batch{p} is a {describe_leaf(a)}, the {what} was exported for a {describe_leaf(b)}; "
+                           f"an exported {what} runs only the shapes and constants it was exported for")
+                    break
+        return where + (why.replace("the step was compiled for", f"the {what} was exported for")
+                        or f"the batch differs from the one the {what} was exported for")
+
+    def _optimizer_mismatch(self, opt) -> str:
+        saved = Optimizer.from_dict(self.manifest["optimizer"])
+        what = self._what
+        if type(opt) is not type(saved):
+            return (f"{self.source}: step.optimizer is {type(opt).__name__}, the {what} was exported with "
+                    f"{type(saved).__name__}; export the step again for it")
+        changed = [k for k, v in opt.to_dict().items() if k not in opt.runtime_fields and v != saved.to_dict().get(k)]
+        return (f"{self.source}: step.optimizer's {', '.join(changed)} changed since export (only lr can change: "
+                f"the others are compiled into the {what}); export the step again for them")
+
+
+class AotiStep(ExportedStep):
     """A training step run by AOTInductor's runtime; call it like ``loss = step(*batch)``.
 
     Each call passes the optimizer's per-step scalars for ``step_count`` (so ``step.optimizer.lr``
@@ -385,53 +445,8 @@ class AotiStep:
             else:
                 self._by_role[row["role"]][row["name"]] = t
 
-    @property
-    def optimizer(self):
-        return self._optimizer
-
-    @optimizer.setter
-    def optimizer(self, opt):
-        self._optimizer = checked_optimizer(opt)
-
-    def __call__(self, *batch):
-        with self._lock:
-            sig = batch_signature(batch)
-            if sig != self._signature:
-                raise BatchError(self._batch_mismatch(batch, sig))
-            opt = self._optimizer
-            if opt.graph_key() != self._opt_key:
-                raise StepError(self._optimizer_mismatch(opt))
-            s = opt.scalars(self.step_count)
-            inputs = [torch.tensor(s[n], dtype=torch.float64) for n in self._scalar_names]
-            inputs += [t if t.is_contiguous() else t.contiguous() for t in batch_tensors(batch)]
-            out = self._run(inputs)
-            self.step_count += 1
-        return out[0] if isinstance(out, (list, tuple)) else out
-
-    def _batch_mismatch(self, batch, sig) -> str:
-        where = f"{self.source}: "
-        ref = self._signature
-        if len(batch) != self._nargs:
-            return (f"{where}batch has {len(batch)} elements, the package was exported for {self._nargs}: "
-                    + ", ".join(f"batch{p}: {describe_leaf(s)}" for p, s in ref[1]))
-        why = signature_difference(sig, ref)
-        if not why:
-            for (p, a), (_, b) in zip(sig[1], ref[1]):
-                if a != b:
-                    why = (f"batch{p} is a {describe_leaf(a)}, the package was exported for a {describe_leaf(b)}; "
-                           "an AOTInductor package runs only the shapes and constants it was exported for")
-                    break
-        return where + (why.replace("the step was compiled for", "the package was exported for")
-                        or "the batch differs from the one the package was exported for")
-
-    def _optimizer_mismatch(self, opt) -> str:
-        saved = Optimizer.from_dict(self.manifest["optimizer"])
-        if type(opt) is not type(saved):
-            return (f"{self.source}: step.optimizer is {type(opt).__name__}, the package was exported with "
-                    f"{type(saved).__name__}; export the step again for it")
-        changed = [k for k, v in opt.to_dict().items() if k not in opt.runtime_fields and v != saved.to_dict().get(k)]
-        return (f"{self.source}: step.optimizer's {', '.join(changed)} changed since export (only lr can change: "
-                "the others are compiled into the package); export the step again for them")
+    def _execute(self, inputs):
+        return self._run(inputs)
 
     def state_dict(self) -> dict:
         """The model's full state dict (the keys ``model.state_dict()`` had at export), with the

@@ -69,14 +69,15 @@ import warnings
 
 import torch
 
+from .aoti import ExportedStep
 from .arena import pack
 from .artifact import _version, check_versions, draws_random, signature_to_json
-from .batch import batch_signature, batch_tensors, describe_leaf, signature_difference
+from .batch import batch_signature, batch_tensors
 from .errors import ArenaOverBudget, ArtifactError, BatchError, StepError
 from .fileio import atomic_write, fsync_dir, remove_stale_temps
 from .layout import Layout
 from .memory import format_bytes, parse_size
-from .optim import Optimizer, checked_optimizer
+from .optim import Optimizer
 
 FORMAT = "pockc-executorch"
 FORMAT_VERSION = 1
@@ -105,7 +106,7 @@ def available() -> bool:
 
 def _import():
     try:
-        import executorch.exir  # noqa: F401
+        import executorch.exir  # noqa: F401  (import check)
         from executorch.runtime import Runtime  # noqa: F401
     except Exception as e:  # noqa: BLE001 -- ImportError, or a broken install's own error
         raise ExecutorchUnavailable(f"exporting or running an ExecuTorch program needs executorch "
@@ -588,12 +589,14 @@ def load_executorch(path, *, strict_versions: bool = True) -> "ExecutorchStep":
     return ExecutorchStep(path, program, manifest)
 
 
-class ExecutorchStep:
+class ExecutorchStep(ExportedStep):
     """A training step run by ExecuTorch's runtime from a ``.pte``: ``step(*batch) -> loss``
     trains (the program holds the tensors), ``predict(*inputs)`` runs the model in eval mode over
     the trained weights, ``named_tensors(role)`` / ``trainable_parameters()`` read the trained
     tensors back (``get_state``). ``report`` (:func:`program_report`) is the program's planned
     arena and kernels per method, read from the file; ``table()`` shows them."""
+
+    _what = "program"
 
     def __init__(self, path, program, manifest):
         from .artifact import signature_from_json
@@ -614,29 +617,8 @@ class ExecutorchStep:
         self._lock = threading.Lock()
         self.backend = "executorch"
 
-    @property
-    def optimizer(self):
-        return self._optimizer
-
-    @optimizer.setter
-    def optimizer(self, opt):
-        self._optimizer = checked_optimizer(opt)
-
-    def __call__(self, *batch):
-        with self._lock:
-            sig = batch_signature(batch)
-            if sig != self._signature:
-                raise BatchError(self._batch_mismatch(batch, sig))
-            opt = self._optimizer
-            if opt.graph_key() != self._opt_key:
-                raise StepError(f"{self.source}: step.optimizer's hyperparameters other than lr changed since export "
-                                "(they are compiled into the program); export the step again for them")
-            s = opt.scalars(self.step_count)
-            inputs = [torch.tensor(s[n], dtype=torch.float64) for n in self._scalar_names]
-            inputs += [t.detach().contiguous() for t in batch_tensors(batch)]
-            out = self._train.execute(inputs)
-            self.step_count += 1
-        return out[0]
+    def _execute(self, inputs):
+        return self._train.execute(inputs)
 
     def predict(self, *inputs):
         """The model in eval mode on ``inputs`` (the shapes given at export), over the trained weights."""
@@ -679,22 +661,6 @@ class ExecutorchStep:
         from .train_step import selected_rows
         params = self.named_tensors("param")
         return {name: selected_rows(params[name], sel) for name, sel in self.layout.grads}
-
-    def _batch_mismatch(self, batch, sig) -> str:
-        where = f"{self.source}: "
-        ref = self._signature
-        if len(batch) != self._nargs:
-            return (f"{where}batch has {len(batch)} elements, the program was exported for {self._nargs}: "
-                    + ", ".join(f"batch{p}: {describe_leaf(s)}" for p, s in ref[1]))
-        why = signature_difference(sig, ref)
-        if not why:
-            for (p, a), (_, b) in zip(sig[1], ref[1]):
-                if a != b:
-                    why = (f"batch{p} is a {describe_leaf(a)}, the program was exported for a {describe_leaf(b)}; "
-                           "an ExecuTorch program runs only the shapes and constants it was exported for")
-                    break
-        return where + (why.replace("the step was compiled for", "the program was exported for")
-                        or "the batch differs from the one the program was exported for")
 
     def table(self) -> str:
         """The program's methods: planned arena (activations, shared trained state) and where

@@ -272,3 +272,19 @@ def test_refusals(tmp_path):
     bad.write_bytes(b"not a program at all")
     with pytest.raises(ArtifactError, match="not a loadable ExecuTorch program"):
         pockc.load(str(bad))
+
+
+def test_cli_target_executorch_fits_the_mcu_budget(tmp_path, capsys):
+    """`pockc compile examples/mcu_cnn.py --budget 256KB --target executorch`: the .pte's planned
+    train_step arena fits the 256 KB budget, is reported, and the program trains."""
+    from pockc.cli import main
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    assert main(["compile", os.path.join(root, "examples", "mcu_cnn.py"), "--budget", "256KB", "--target",
+                 "executorch", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "train_step.pte (ExecuTorch program; train_step arena" in printed and "within --budget 256KB" in printed
+    arena = et.program_report(str(out / "train_step.pte"))["methods"]["train_step"]["arena"]
+    assert 0 < arena <= 256 * 1024
+    loaded = pockc.load(str(out / "train_step.pte"))
+    assert loaded.step_count == 0 and loaded.predict is not None
