@@ -116,6 +116,20 @@ def _synthetic_batch(signature) -> list:
     return out
 
 
+def check_export_path(path, suffix, what):
+    """``(path, its directory)`` for a file an export writes; ValueError / FileNotFoundError for
+    another suffix, a directory, or a missing directory."""
+    path = os.fspath(path)
+    if not path.endswith(suffix):
+        raise ValueError(f"{path}: {what}'s file name must end in {suffix}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; give the {suffix} file to write")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory (for {path})")
+    return path, directory
+
+
 def _tensor_plan(step, gm_inputs):
     """(constant name, model name, role, state name or None) per tensor input of the graph, in
     order: the names the tensors have in the package (``param000``, ``frozen003``, ...)."""
@@ -124,7 +138,8 @@ def _tensor_plan(step, gm_inputs):
     rows += [(f"frozen{i:03d}", n, "frozen", None) for i, n in enumerate(lay.frozen)]
     rows += [(f"buffer{i:03d}", n, "buffer", None) for i, n in enumerate(lay.buffers)]
     rows += [(f"state{i:03d}", p, "state", s) for i, (p, s) in enumerate(map(tuple, lay.state))]
-    assert len(rows) <= len(gm_inputs)
+    if len(rows) > len(gm_inputs):
+        raise StepError(f"export: the step takes {len(gm_inputs)} inputs, its layout names {len(rows)} tensors")
     return rows
 
 
@@ -173,14 +188,7 @@ def export_aoti(step, path, example_batch=None, *, inductor_configs: dict | None
     >>> step.export("step.pt2", target="aoti")        # doctest: +SKIP
     >>> loaded = pockc.load("step.pt2"); loss = loaded(x, y)
     """
-    path = os.fspath(path)
-    if not path.endswith(".pt2"):
-        raise ValueError(f"{path}: an AOTInductor package's file name must end in .pt2")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory; give the .pt2 file to write")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such directory (for {path})")
+    path, directory = check_export_path(path, ".pt2", "an AOTInductor package")
     import torch._inductor.config as inductor_config
     if not hasattr(inductor_config.aot_inductor, "package_constants_in_so"):
         raise RuntimeError(f"export_aoti needs AOTInductor's package_constants_in_so setting, which torch "
@@ -359,6 +367,20 @@ class ExportedStep:
 
     _what = "package"
 
+    def _read_manifest(self, path, manifest):
+        """The fields every loaded step takes from its manifest."""
+        from .artifact import signature_from_json
+        self.source = path
+        self.manifest = manifest
+        self.layout = Layout.from_json(manifest["layout"])
+        self.optimizer = Optimizer.from_dict(manifest["optimizer"])
+        self._opt_key = self.optimizer.graph_key()
+        self._scalar_names = list(manifest["scalars"])
+        self._signature = signature_from_json(manifest["batch_signature"])
+        self._nargs = int(manifest["batch_args"])
+        self.step_count = int(manifest["step_count"])
+        self._lock = threading.Lock()
+
     @property
     def optimizer(self):
         return self._optimizer
@@ -420,21 +442,11 @@ class AotiStep(ExportedStep):
     runtime writes into these very tensors)."""
 
     def __init__(self, path, compiled, manifest, constants):
-        from .artifact import signature_from_json
-        self.source = path
-        self.manifest = manifest
+        self._read_manifest(path, manifest)
         self._compiled = compiled
         self._run = getattr(compiled, "loader", None)
         self._run = self._run.run if self._run is not None else (lambda xs: compiled(*xs))
         self._constants = constants           # the runtime's constants (user-managed: ours)
-        self.layout = Layout.from_json(manifest["layout"])
-        self.optimizer = Optimizer.from_dict(manifest["optimizer"])
-        self._opt_key = self.optimizer.graph_key()
-        self._scalar_names = list(manifest["scalars"])
-        self._signature = signature_from_json(manifest["batch_signature"])
-        self._nargs = int(manifest["batch_args"])
-        self.step_count = int(manifest["step_count"])
-        self._lock = threading.Lock()
         self.backend = "aoti"
         self._by_role = {role: {} for role in _ROLES}
         self.state = {}

@@ -63,21 +63,18 @@ import copy
 import datetime
 import json
 import os
-import threading
 import time
 import warnings
 
 import torch
 
-from .aoti import ExportedStep
+from .aoti import ExportedStep, _StepModule, _tensor_plan, check_export_path
 from .arena import pack
 from .artifact import _version, check_versions, draws_random, signature_to_json
 from .batch import batch_signature, batch_tensors
 from .errors import ArenaOverBudget, ArtifactError, BatchError, StepError
 from .fileio import atomic_write, fsync_dir, remove_stale_temps
-from .layout import Layout
 from .memory import format_bytes, parse_size
-from .optim import Optimizer
 
 FORMAT = "pockc-executorch"
 FORMAT_VERSION = 1
@@ -329,16 +326,6 @@ class _TensorsModule(torch.nn.Module):
             self.register_buffer(name, t)
 
 
-class _TrainModule(_TensorsModule):
-    def __init__(self, gm, names, tensors):
-        super().__init__(names, tensors)
-        self.gm = gm
-
-    def forward(self, *args):
-        bufs = self._buffers
-        return self.gm(*[bufs[n] for n in self._names], *args)
-
-
 class _PredictModule(_TensorsModule):
     """The model in eval mode over the step's tensors (``functional_call``)."""
 
@@ -356,17 +343,6 @@ class _PredictModule(_TensorsModule):
 class _StateModule(_TensorsModule):
     def forward(self):
         return tuple(self._buffers[n].clone() for n in self._names)
-
-
-def _rows(step, n_inputs):
-    lay = step.layout
-    rows = [(f"param{i:03d}", n, "param", None) for i, n in enumerate(lay.params)]
-    rows += [(f"frozen{i:03d}", n, "frozen", None) for i, n in enumerate(lay.frozen)]
-    rows += [(f"buffer{i:03d}", n, "buffer", None) for i, n in enumerate(lay.buffers)]
-    rows += [(f"state{i:03d}", p, "state", s) for i, (p, s) in enumerate(map(tuple, lay.state))]
-    if len(rows) > n_inputs:
-        raise StepError(f"export: the step takes {n_inputs} inputs, its layout names {len(rows)} tensors")
-    return rows
 
 
 def _decompose(ep):
@@ -394,20 +370,13 @@ def export_executorch(step, path, example_batch=None, *, predict=True, predict_i
     over ``predict_inputs`` (default: the batch's first element, when it is a tensor).
     ``xnnpack``: delegate what XNNPACK takes to it. ``memory_planning``: ``"pockc"`` (default:
     pockc's arena search) or ``"greedy"`` (ExecuTorch's own). ``budget`` (bytes or ``"256KB"``):
-    a BudgetError, and nothing written, when the train step's planned arena is larger. The
+    an ArenaOverBudget error, and nothing written, when the train step's planned arena is larger. The
     program holds copies of the step's current tensors and its step count; the write is atomic.
     """
     _import()
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-    path = os.fspath(path)
-    if not path.endswith(".pte"):
-        raise ValueError(f"{path}: an ExecuTorch program's file name must end in .pte")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory; give the .pte file to write")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such directory (for {path})")
+    path, directory = check_export_path(path, ".pte", "an ExecuTorch program")
     if memory_planning not in ("pockc", "greedy"):
         raise ValueError(f"memory_planning must be 'pockc' or 'greedy', not {memory_planning!r}")
     budget_bytes = None if budget is None else parse_size(budget)   # ValueError for a malformed one
@@ -431,7 +400,7 @@ def export_executorch(step, path, example_batch=None, *, predict=True, predict_i
                             "to export it")
         flat = [t.detach().contiguous() for t in batch_tensors(batch)]
         inputs = step.inputs(tuple(flat))
-        rows = _rows(step, len(inputs))
+        rows = _tensor_plan(step, inputs)
         lay = step.layout
         n_tensors = len(rows)
         tensors = [t.detach().clone().contiguous() for t in inputs[:n_tensors]]
@@ -444,7 +413,7 @@ def export_executorch(step, path, example_batch=None, *, predict=True, predict_i
     mutable = [r[0] for r in rows if r[2] != "frozen"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # torch's and executorch's deprecation notices while exporting
-        programs = {TRAIN: _decompose(torch.export.export(_TrainModule(gm, names, tensors),
+        programs = {TRAIN: _decompose(torch.export.export(_StepModule(gm, names, tensors),
                                                           tuple(scalar_inputs + flat), strict=False))}
         pred_rows, pred_args = [], None
         if predict:
@@ -599,22 +568,12 @@ class ExecutorchStep(ExportedStep):
     _what = "program"
 
     def __init__(self, path, program, manifest):
-        from .artifact import signature_from_json
-        self.source = path
-        self.manifest = manifest
+        self._read_manifest(path, manifest)
         self._program = program
         self._train = program.load_method(TRAIN)
         self._predict = program.load_method(PREDICT) if PREDICT in program.method_names else None
         self._state = program.load_method(STATE)
-        self.layout = Layout.from_json(manifest["layout"])
-        self.optimizer = Optimizer.from_dict(manifest["optimizer"])
-        self._opt_key = self.optimizer.graph_key()
-        self._scalar_names = list(manifest["scalars"])
-        self._signature = signature_from_json(manifest["batch_signature"])
-        self._nargs = int(manifest["batch_args"])
-        self.step_count = int(manifest["step_count"])
         self.report = program_report(path)      # arenas, kernels and delegates per method, from the file
-        self._lock = threading.Lock()
         self.backend = "executorch"
 
     def _execute(self, inputs):
