@@ -111,10 +111,11 @@ def _paging():
 
 
 def alias_source(node: fx.Node):
-    """The argument a non-aten runtime call returns as is (``page_in_wait``, ``rng.replay``,
+    """The argument a non-aten runtime call returns as is (``page_in_wait``, ``state_in_wait``, ``rng.replay``,
     ``distributed.wait``), else None."""
     from pockc.runtime import distributed, rng
-    if node.op == "call_function" and node.target in (_paging().page_in_wait, rng.replay, distributed.wait):
+    if node.op == "call_function" and node.target in (_paging().page_in_wait, _paging().state_in_wait, rng.replay,
+                                                      distributed.wait):
         return node.args[0]
     return None
 

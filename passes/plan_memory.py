@@ -53,6 +53,7 @@ ALIGN = 64
 WRITABLE_KINDS = ("trainable weight", "optimizer state", "accumulated gradient", "buffer", "input",
                   "saved activation", "gradient", "temporary", "workspace")
 READONLY_KINDS = ("frozen weight", "constant")
+PAGED_KIND = "paged"   # optimizer state kept in the slow tier between steps (runtime/paging.py)
 
 
 @dataclass
@@ -85,6 +86,8 @@ class MemoryPlan:
     persistent_bytes: int         # writable storage that exists before and after the step
     arena_bytes: int
     timeline: list = field(repr=False, default_factory=list)   # live writable bytes per node
+    paged_bytes: int = 0          # held in the slow tier, not in the budget: optimizer state
+    #                               (kind "paged") and the page pools of paged activations
 
     @property
     def required_bytes(self) -> int:
@@ -107,12 +110,14 @@ class MemoryPlan:
             rows.append(["headroom", f"{budget - self.peak_bytes:,}"])
         rows.append(["arena", f"{self.arena_bytes:,}"])
         rows.append(["read-only (frozen weights)", f"{self.readonly_bytes:,}"])
+        if self.paged_bytes:
+            rows.append(["paged (slow tier, not in the budget)", f"{self.paged_bytes:,}"])
         return tabulate(rows, headers=["memory at peak", "bytes"], tablefmt="simple", colalign=("left", "right"))
 
     def to_dict(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "peak_node": self.peak_node, "breakdown": self.breakdown,
                 "readonly_bytes": self.readonly_bytes, "persistent_bytes": self.persistent_bytes,
-                "arena_bytes": self.arena_bytes, "align": ALIGN,
+                "arena_bytes": self.arena_bytes, "align": ALIGN, "paged_bytes": self.paged_bytes,
                 "storages": [s.to_dict() for s in self.storages]}
 
 
@@ -149,6 +154,8 @@ def _placeholder_kinds(graph, layout):
         out[ph] = ("buffer" if ph in written else "frozen weight", 1.0)
     for ph, (_name, s) in zip(groups["state"], layout.state):   # accumulate=K: its gradient buffers
         out[ph] = ("accumulated gradient" if s == ACCUM_STATE else "optimizer state", 1.0)
+        if ph.meta.get("pockc.tier") == PAGED_KIND:   # held in the slow tier, copied in for its update
+            out[ph] = (PAGED_KIND, 1.0)
     for ph in groups["scalars"] + groups["batch"]:
         out[ph] = ("input", 1.0)
     return out
@@ -275,7 +282,15 @@ def _lifetimes(gm: fx.GraphModule, layout=None):
     return nodes, storages
 
 
-def _summarize(storages, names) -> MemoryPlan:
+def _page_pool_bytes(graph) -> int:
+    """Bytes of the slow-tier pools that a graph's paged activations use (page_out's ``total``)."""
+    from pockc.runtime import paging
+    pools = {n.args[1]: n.args[4] for n in graph.nodes
+             if n.op == "call_function" and n.target is paging.page_out}
+    return int(sum(pools.values()))
+
+
+def _summarize(storages, names, extra_paged: int = 0) -> MemoryPlan:
     """Peak, breakdown at the peak and arena of ``storages`` over a program of ``names`` nodes."""
     transient = [s for s in storages if not s.persistent]
     persist_w = sum(s.nbytes for s in storages if s.persistent and s.kind in WRITABLE_KINDS)
@@ -293,14 +308,15 @@ def _summarize(storages, names) -> MemoryPlan:
         if alive and s.kind in WRITABLE_KINDS:
             breakdown[s.kind] = breakdown.get(s.kind, 0) + s.nbytes
     arena = _arena(storages)
+    paged = extra_paged + sum(s.nbytes for s in storages if s.persistent and s.kind == PAGED_KIND)
     return MemoryPlan(storages, peak, names[peak_i] if names else "", breakdown, readonly,
-                      persist_w, arena, [int(x) for x in live])
+                      persist_w, arena, [int(x) for x in live], paged)
 
 
 def plan_memory(gm: fx.GraphModule, layout=None) -> MemoryPlan:
     """Liveness and arena of ``gm`` in its current node order (see the module docstring)."""
     nodes, storages = _lifetimes(gm, layout)
-    return _summarize(storages, [n.name for n in nodes])
+    return _summarize(storages, [n.name for n in nodes], _page_pool_bytes(gm.graph))
 
 
 def plan_memory_then(gm: fx.GraphModule, then: fx.GraphModule, layout=None) -> MemoryPlan:
@@ -320,7 +336,8 @@ def plan_memory_then(gm: fx.GraphModule, then: fx.GraphModule, layout=None) -> M
         if not s.persistent:
             s.start, s.end, s.name = s.start + n, s.end + n, f"{s.name} (update)"
             storages.append(s)
-    return _summarize(storages, [x.name for x in nodes] + [f"{x.name} (update)" for x in nodes2])
+    return _summarize(storages, [x.name for x in nodes] + [f"{x.name} (update)" for x in nodes2],
+                      _page_pool_bytes(gm.graph) + _page_pool_bytes(then.graph))
 
 
 _SMALL_WORKSPACE = 1024

@@ -75,12 +75,13 @@ import torch.fx as fx
 from pockc.runtime import paging, rng
 
 from .fx_utils import HIDDEN_MUTATION, PassResult, call, dce, is_aten, is_view, mutated_args
-from .plan_memory import flat, plan_memory, storages_of
+from .plan_memory import PAGED_KIND, WRITABLE_KINDS, flat, plan_memory, storages_of
 
 aten = torch.ops.aten
 
 
 MILP_MAX_CANDIDATES = 400     # solver="auto" runs the MILP next to greedy up to this many candidates
+STATE_MIN_BYTES = 4096        # smaller optimizer state tensors stay in memory (not worth a copy's dispatch)
 
 
 class _Infeasible(Exception):
@@ -105,6 +106,8 @@ class RematReport:
     fits: bool = True
     tries: dict = field(default_factory=dict)       # solver -> {"cost": s, "peak": B, "fits": bool, ...}
     paged: list = field(default_factory=list)        # storage names paged out and back
+    paged_state: list = field(default_factory=list)  # optimizer state kept in the slow tier
+    paged_state_bytes: int = 0
     pageable: int = 0                                # saved storages that could be paged
     objective: str = "time"                          # what the solver minimized
     added_cost: float = 0.0                          # in the objective's unit (s or J)
@@ -128,6 +131,8 @@ class RematReport:
                 ["tensors recomputed", f"{len(self.recomputed)} of {self.feasible} recomputable "
                                        f"({self.candidates} saved)"],
                 ["tensors paged", f"{len(self.paged)} of {self.pageable} pageable"],
+                ["optimizer state paged", f"{len(self.paged_state)} tensors, {self.paged_state_bytes:,} B "
+                                          f"in the slow tier"],
                 ["ops added", f"{self.nodes_added}"],
                 ["added time (estimate)", f"{self.added_seconds * 1e3:.3f} ms, {self.added_flops / 1e6:.2f} MFLOP"
                                           f" recomputed"],
@@ -152,12 +157,18 @@ class _Cand:
     targets: list       # alias nodes of the storage read at or after p
     cost: float = 0.0   # cost of its clones when every other candidate is kept
     pen: list = field(default_factory=list)   # (lo, hi, bytes): kept inputs alive longer
-    mode: str = "recompute"                   # or "page"
+    mode: str = "recompute"                   # or "page", or "state" (optimizer state in the slow tier)
     src: fx.Node | None = None  # page: the alias node whose storage is copied out
     o: int = -1         # page: the copy out starts right before node o (after the last forward reader)
     w: int = -1         # page: the copy out is waited for right before node w (alive until w - 1)
     q: int = -1         # page: the copy in starts right before node q
     seconds: float = 0.0  # estimated added time (the cost is in the objective's unit)
+
+    def covers(self, t) -> bool:
+        """Whether choosing it lowers the live bytes at position ``t``."""
+        if self.mode == "state":      # the state's copy is alive from its copy in to its copy out
+            return self.lo <= t <= self.hi and not self.q <= t <= self.w
+        return self.lo <= t <= self.hi
 
 
 def _out_of_place(target):
@@ -369,6 +380,49 @@ class _Graph:
                     cands.append(pc)
         return cands, considered
 
+    def state_candidates(self, min_bytes: int = STATE_MIN_BYTES):
+        """Page candidates for optimizer state tensors read only by their update: the state stays in
+        the slow tier between steps and is copied into a fresh storage for its update (waited for
+        right before the update's first op, started early enough to hide the copy, estimated) and
+        back right after (waited for once the estimated copy time has passed). It saves its bytes
+        everywhere but while that copy lives."""
+        if self.layout is None:
+            return []
+        from pockc.runtime.optim import ACCUM_STATE
+        touch = {}                              # persistent storage id -> positions of its readers/aliases
+        for n in self.nodes:
+            if n.op == "placeholder":
+                continue
+            for a in list(n.all_input_nodes) + [n]:
+                for st in flat(self.root.get(a)):
+                    if st.persistent:
+                        touch.setdefault(id(st), set()).add(self.pos[n])
+        cm, N, out = self.cost, len(self.nodes), []
+        phs = self.layout.placeholders(self.graph)["state"]
+        for ph, (_name, kind) in zip(phs, self.layout.state):
+            st = self.root.get(ph)
+            if kind == ACCUM_STATE or st is None or isinstance(st, list) or st.nbytes < min_bytes:
+                continue
+            ps = touch.get(id(st))
+            if not ps or max(ps) >= N - 1 or any(self.nodes[i].meta.get("pockc.role") != "update" for i in ps):
+                continue
+            u, last = min(ps), max(ps)
+            t_in, t_out = st.nbytes / cm.page_read_rate, st.nbytes / cm.page_write_rate
+            q, win_in = u, 0.0
+            while q > 0 and win_in < t_in:
+                q -= 1
+                win_in += self.sec[q]
+            w, win_out = last + 1, 0.0
+            while w < N - 1 and win_out < t_out:
+                win_out += self.sec[w]
+                w += 1
+            c = _Cand(id(st), ph.name, st.nbytes, u, 0, N - 1, [ph], mode="state", src=ph, o=last + 1, w=w, q=q)
+            c.pen = [(q, w, st.nbytes)]
+            c.cost = cm.page_cost(st.nbytes, win_out, win_in)
+            c.seconds = cm.page_seconds(st.nbytes, win_out, win_in)
+            out.append(c)
+        return out
+
     def _page_cand(self, s, c):
         """Page storage ``s`` out after its last forward reader and back before ``c.p``: the
         copies get windows of compute long enough to hide them (estimated), up to half the gap
@@ -418,6 +472,7 @@ class _Graph:
         from pockc.remat_cost import flops as _flops
         rec = [c for c in chosen_cands if c.mode == "recompute"]
         pag = {c.sid: c for c in chosen_cands if c.mode == "page"}
+        sta = [c for c in chosen_cands if c.mode == "state"]
         chosen = {c.sid for c in rec} | set(pag)
         chains, need = {}, {}
         for c in rec:           # clones may read a paged storage: page it in by then
@@ -440,6 +495,13 @@ class _Graph:
             plan[sid] = (w, q, u, list(dict.fromkeys(list(c.targets) + [m for _, m in reads])))
             for pos, rank, kind in ((c.o, 0, "out"), (w, 1, "out_wait"), (q, 2, "in"), (u, 3, "in_wait")):
                 events.setdefault(pos, []).append((rank, kind, c))
+        state_key = f"pockc-state-{uuid.uuid4().hex[:12]}" if sta else None
+        slot = {}
+        for k, c in enumerate(sta):
+            slot[c.sid] = k
+            for pos, rank, kind in ((c.o, 0, "s_out"), (c.w, 1, "s_out_wait"), (c.q, 2, "s_in"), (c.p, 3, "s_in_wait")):
+                events.setdefault(pos, []).append((rank, kind, c))
+        tier = {c.src for c in sta}
         groups = {}
         for c in rec:
             groups.setdefault(c.p, []).append(c)
@@ -468,6 +530,24 @@ class _Graph:
         for n in self.nodes:
             i = self.pos[n]
             for _, kind, c in sorted(events.get(i, ()), key=lambda e: e[0]):
+                if kind.startswith("s_"):     # optimizer state in the slow tier
+                    ph, k = c.src, slot[c.sid]
+                    if kind == "s_in":
+                        handles[c.sid] = page_node(paging.state_in, (env[ph], state_key, k,
+                                                                     str(ph.meta["val"].device)), c, "update",
+                                                   ph.meta["val"])
+                    elif kind == "s_in_wait":
+                        remap[ph] = page_node(paging.state_in_wait, (handles[c.sid], state_key, k), c, "update",
+                                              ph.meta["val"])
+                        cost += c.cost
+                        secs += c.seconds
+                    elif kind == "s_out":
+                        handles[c.sid] = page_node(paging.state_out, (remap[ph], env[ph], state_key, k), c,
+                                                   "update")
+                    else:
+                        page_node(paging.state_out_wait, (handles[c.sid], remap.pop(ph), state_key), c, "update")
+                    added += 1
+                    continue
                 off, nb = offsets[c.sid], self.extent(c)
                 src = c.src
                 if kind == "out":
@@ -523,10 +603,13 @@ class _Graph:
                            "val": _fake_bytes(n.meta["val"], _state_bytes(dev))}
                 added += 1
             env[n] = g.node_copy(n, look)
+            if n in tier:
+                env[n].meta = dict(n.meta, **{"pockc.tier": PAGED_KIND})
         dce(SimpleNamespace(graph=g))   # views of the originals left without readers
         return SimpleNamespace(graph=g, cost=cost, seconds=secs, flops=fl, added=added,
                                recomputed=[c.name for c in rec], paged=[pag[s].name for s in pag],
-                               pool=(pool_key, total) if pag else None)
+                               pool=(pool_key, total) if pag else None, paged_state=[c.name for c in sta],
+                               paged_state_bytes=sum(c.nbytes for c in sta), state_pool=state_key)
 
     def extent(self, c) -> int:
         """Bytes of ``c``'s storage that its aliases use (what is paged)."""
@@ -540,6 +623,25 @@ class _Graph:
 
 
 _STATE_BYTES = {}
+
+
+def _sink_state_only_updates(graph: fx.Graph, layout) -> None:
+    """Move update ops that read only an optimizer state tensor (and inputs), such as SGD's
+    ``momentum.mul_(0.9)``, which the memory scheduler is free to run early, to right before
+    their first user: the state is then needed in memory only around its update. Such an op
+    allocates nothing, so the memory plan is unchanged."""
+    phs = layout.placeholders(graph)["state"]
+    for ph in phs:
+        if len(ph.users) != 1:
+            continue
+        m = next(iter(ph.users))
+        if (m.meta.get("pockc.role") != "update" or not m.users
+                or any(a.op != "placeholder" for a in m.all_input_nodes)):
+            continue
+        pos = {n: i for i, n in enumerate(graph.nodes)}
+        first = min(m.users, key=pos.__getitem__)
+        if pos[first] > pos[m] + 1:
+            first.prepend(m)
 
 
 def _state_bytes(device) -> int:
@@ -574,7 +676,7 @@ def _liveness(nodes, storages, root):
                 for s in flat(root.get(a)):
                     if not s.persistent:
                         s.end = len(nodes) - 1
-    persist = sum(s.nbytes for s in storages if s.persistent and s.kind not in ("frozen weight", "constant"))
+    persist = sum(s.nbytes for s in storages if s.persistent and s.kind in WRITABLE_KINDS)
     delta = np.zeros(len(nodes) + 1, dtype=np.int64)
     for s in storages:
         if not s.persistent:
@@ -613,14 +715,14 @@ def _greedy(G, cands, target, rerank=8):
                 else:
                     shift(c, 1)
             return chosen, True
-        cover = [c for c in cands if c.sid not in ids and c.lo <= t <= c.hi]
+        cover = [c for c in cands if c.sid not in ids and c.covers(t)]
         if not cover:
             return chosen, False
         cover.sort(key=lambda c: -c.nbytes / (c.cost + 1e-9))
         best, best_r = None, -1.0
         paged = {x.sid for x in chosen if x.mode == "page"}
         for c in cover[:rerank]:     # cost given what is already recomputed (chains get longer)
-            if c.mode == "page":
+            if c.mode != "recompute":
                 r = c.nbytes / (c.cost + 1e-9)
             else:
                 try:
@@ -709,13 +811,16 @@ def _fits(G, chosen, budget, layout):
 
 def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = None, cost=None,
                   solver: str = "auto", time_limit: float = 1.0, recompute=None, page=None,
-                  allow_paging: bool = True) -> PassResult:
+                  allow_paging: bool = True, page_state: bool = False, state=None) -> PassResult:
     """Recompute or page out saved activations so the step's planned memory (``max(peak,
     arena)``) fits ``budget_bytes`` at the least estimated added cost (``cost``: a
     pockc.remat_cost.CostModel; paging only where ``allow_paging`` and the model has a tier).
-    ``recompute`` / ``page``: storage names to recompute / page instead of solving (replays an
-    earlier decision on a graph traced for another batch shape). Records ``gm.meta['pockc.remat']``
-    (a RematReport; ``fits`` False when no plan found fits: the graph is then rewritten with the
+    ``page_state`` (with ``layout``; a step whose updates are in this graph, not an accumulation's
+    apply program): optimizer state tensors may also be kept in the slow tier between steps and
+    copied in for their update only (:meth:`_Graph.state_candidates`), chosen by the same solver.
+    ``recompute`` / ``page`` / ``state``: storage names to recompute / page / keep in the tier
+    instead of solving (replays an earlier decision on a graph traced for another batch shape).
+    Records ``gm.meta['pockc.remat']`` (a RematReport; ``fits`` False when no plan found fits: the graph is then rewritten with the
     plan of the smallest peak reached)."""
     from pockc.remat_cost import default_cost_model
     if solver not in ("auto", "greedy", "milp"):
@@ -725,33 +830,40 @@ def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = No
         dev = next((n.meta["val"].device.type for n in gm.graph.nodes
                     if isinstance(n.meta.get("val"), torch.Tensor)), "cpu")
         cost = default_cost_model(dev)
+    if (page_state or state) and layout is not None and budget_bytes is not None or state:
+        _sink_state_only_updates(gm.graph, layout)
     G = _Graph(gm.graph, layout, cost)
     peak0 = int(G.timeline.max()) if len(G.timeline) else G.persist
     before = SimpleNamespace(peak_bytes=peak0, required_bytes=peak0)
     if budget_bytes is None or peak0 <= budget_bytes:
         before = plan_memory(gm, layout)                # the arena may still be over
     cands, n_saved = G.candidates(page=allow_paging and cost.can_page)
+    if (page_state and allow_paging and cost.can_page) or state:
+        cands += G.state_candidates()
     n_rec = sum(c.mode == "recompute" for c in cands)
 
     def finish(name, b, fits, tries):
         rep = RematReport(name, time.perf_counter() - t0, budget_bytes, before.peak_bytes, b.mp.peak_bytes,
                           b.mp.required_bytes, n_saved, n_rec, b.recomputed, b.added, b.seconds, b.flops, fits,
                           tries, paged=b.paged, pageable=len(cands) - n_rec, objective=cost.objective,
-                          added_cost=b.cost, cost_model=cost.name)
-        if b.recomputed or b.paged:
+                          added_cost=b.cost, cost_model=cost.name, paged_state=getattr(b, "paged_state", []),
+                          paged_state_bytes=getattr(b, "paged_state_bytes", 0))
+        if b.recomputed or b.paged or rep.paged_state:
             b.graph.lint()
             gm.graph = b.graph             # (the setter recompiles)
             if hasattr(b.mp, "storages"):
                 gm.meta["pockc.remat_plan"] = b.mp    # plan_memory of this very graph, for the caller
         if b.pool is not None:              # the pool's file mapping goes with the graph
             weakref.finalize(gm, paging.release, b.pool[0])
+        if getattr(b, "state_pool", None) is not None:   # its copy thread too
+            weakref.finalize(gm, paging.release, b.state_pool)
         gm.meta["pockc.remat"] = rep
-        return PassResult(gm, bool(b.recomputed or b.paged))
+        return PassResult(gm, bool(b.recomputed or b.paged or rep.paged_state))
 
-    if recompute is not None or page is not None:
-        rnames, pnames = set(recompute or ()), set(page or ())
+    if recompute is not None or page is not None or state is not None:
+        rnames, pnames, snames = set(recompute or ()), set(page or ()), set(state or ())
         chosen = [c for c in cands if (c.mode == "recompute" and c.name in rnames)
-                  or (c.mode == "page" and c.name in pnames)]
+                  or (c.mode == "page" and c.name in pnames) or (c.mode == "state" and c.name in snames)]
         b = _fits(G, chosen, budget_bytes, layout)
         if b is None:
             raise RuntimeError("rematerialize: the recorded recompute/page decisions conflict on this graph")

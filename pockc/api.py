@@ -195,7 +195,10 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     fit ``budget``, recompute saved activations in the backward pass, or page them out to a slower
     tier and back (a memory-mapped file on CPU, pinned host memory on CUDA; aten backend only),
     at the least estimated extra cost until it fits (passes/rematerialize.py; ``step.remat``
-    reports what was recomputed and paged, with a ``table()``; None when nothing was);
+    reports what was recomputed and paged, with a ``table()``; None when nothing was). Without
+    ``accumulate``, optimizer state (momentum, Adam moments) may be kept in that tier too, copied in
+    right before its tensor's update and back right after, chosen by the same solver; the memory
+    plan counts those bytes in its ``paged`` row, not against the budget;
     ``"recompute"`` -- recompute only, never page; ``"off"`` -- neither. The budget-driven choice
     of an update plan (no ``update``) considers plans without recomputation.
     ``device_profile``: plan the trade for another device -- a bundled profile name
@@ -357,10 +360,12 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
     if budget_bytes is not None and mem.required_bytes > budget_bytes and remat != "off":
         from pockc.passes.rematerialize import rematerialize       # recompute / page saved activations
         gm = run_passes(gm, [("rematerialize", lambda g: rematerialize(g, layout, budget_bytes, cost=cost_model,
-                                                                      allow_paging=paging))])
+                                                                      allow_paging=paging,
+                                                                      page_state=accumulate == 1))])
         remat_report = gm.meta["pockc.remat"]
         if not remat_report.fits:
-            how = "recomputing or paging activations" if paging else "recomputing activations"
+            how = ("recomputing activations" if not paging else "recomputing or paging activations" if accumulate > 1
+                   else "recomputing or paging activations and paging optimizer state")
             err = BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)}, over the budget "
                               f"of {format_bytes(budget_bytes)}, and {how} brings it down only "
                               f"to {format_bytes(remat_report.required_after)} (the smallest peak reached); "
@@ -389,13 +394,13 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "gradient all-reduces; compile again on every rank")
         if remat_report is not None:   # recompute the same tensors in the new shapes
-            if portable and remat_report.paged:
+            if portable and (remat_report.paged or remat_report.paged_state):
                 raise CompileError("this step pages activations to a file between its forward and backward passes "
                                    "(remat='auto' under its budget); another runtime cannot run that: compile with "
                                    "remat='recompute' to export it")
             from pockc.passes.rematerialize import rematerialize
-            g = rematerialize(g, lay, None, recompute=remat_report.recomputed,
-                              page=remat_report.paged).graph_module
+            g = rematerialize(g, lay, None, recompute=remat_report.recomputed, page=remat_report.paged,
+                              state=remat_report.paged_state).graph_module
         return g
 
     step = TrainStep(model, gm, layout, optimizer, plan, batch, recompile, num_items=num_items, **opts)

@@ -64,6 +64,12 @@ class StepMemory:
         return self.plan.readonly_bytes
 
     @property
+    def paged_bytes(self) -> int:
+        """Bytes held in the slow tier (paged optimizer state, paged activations' pools): not in
+        ``peak_bytes`` or the budget."""
+        return self.plan.paged_bytes
+
+    @property
     def workspace_bytes(self) -> int:
         """Kernel scratch alive at the peak (part of ``peak_bytes``)."""
         return self.plan.breakdown.get("workspace", 0)
@@ -94,7 +100,7 @@ class StepMemory:
         whole, base = [], 0        # writable inputs, counted once per storage
         for ph, t in zip(phs, inputs):
             s = by_name.get(ph.name)
-            if s is None or s.kind in ("frozen weight", "constant"):
+            if s is None or s.kind in ("frozen weight", "constant", "paged"):   # paged: in the slow tier
                 continue
             rest = by_name.get(ph.name + " (frozen rows)")
             if rest is not None:   # channel-sparse: only the trained rows are writable

@@ -624,6 +624,7 @@ class SavedMemory:
     peak_bytes = property(lambda self: self._plan["peak_bytes"])
     arena_bytes = property(lambda self: self._plan["arena_bytes"])
     readonly_bytes = property(lambda self: self._plan.get("readonly_bytes", 0))
+    paged_bytes = property(lambda self: self._plan.get("paged_bytes", 0))
     breakdown = property(lambda self: dict(self._plan.get("breakdown", {})))
     required_bytes = property(lambda self: self._doc.get("required_bytes", self.peak_bytes))
 

@@ -21,6 +21,16 @@ size (``key, offset, nbytes, total``). A pool is created lazily on first use in 
 GraphModule that calls them runs anywhere pockc's runtime is installed. Allocation happens on the
 calling thread (so pockc's CPU memory tracker sees the paged-in storage like any other).
 
+**Optimizer state on the slow tier** (rematerialize's ``page_state``): a state tensor that is
+needed only at its parameter's update (SGD momentum, Adam's moments) is kept in the tier between
+steps (:func:`tier_tensor`: an unlinked memory-mapped file on CPU, pinned host memory on CUDA), and
+the step copies it into a fresh storage a few ops before the update (:func:`state_in`, waited for
+by :func:`state_in_wait` right before the first update op), updates that copy in place, and copies
+it back right after (:func:`state_out`, waited for by :func:`state_out_wait` a few ops later, when
+the copy is freed) -- ZeRO-Offload's placement of optimizer state, at one tensor's granularity.
+The state tensor the step holds *is* the tier copy, so saving, checkpoints and ``step.state`` see
+the current values.
+
 This module imports torch only; it is part of pockc's runtime.
 """
 from __future__ import annotations
@@ -33,7 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["page_out", "page_out_wait", "page_in", "page_in_wait", "release", "PAGE_FUNCTIONS"]
+__all__ = ["page_out", "page_out_wait", "page_in", "page_in_wait", "state_in", "state_in_wait", "state_out",
+           "state_out_wait", "tier_tensor", "is_tier_tensor", "release", "PAGE_FUNCTIONS"]
 
 
 class _Pool:
@@ -146,6 +157,64 @@ def page_in_wait(buf: torch.Tensor, key: str, offset: int) -> torch.Tensor:
     return buf
 
 
+def state_in(x: torch.Tensor, key: str, slot: int, device: str) -> torch.Tensor:
+    """Allocate a tensor like the tier-resident state ``x`` on ``device`` and start copying ``x``
+    into it."""
+    pool = _pool(key, 0, device)
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+    _start(pool, ("in", slot), out, x, out.device)
+    return out
+
+
+def state_in_wait(buf: torch.Tensor, key: str, slot: int) -> torch.Tensor:
+    """Wait for the copy into ``buf`` and return it (the same tensor)."""
+    _wait(_POOLS[key], ("in", slot), buf.device)
+    return buf
+
+
+def state_out(buf: torch.Tensor, x: torch.Tensor, key: str, slot: int) -> int:
+    """Start copying the updated ``buf`` back into the tier-resident state ``x``."""
+    _start(_pool(key, 0, buf.device), ("out", slot), x, buf, buf.device)
+    return slot
+
+
+def state_out_wait(slot: int, buf: torch.Tensor, key: str) -> None:
+    """Wait until ``buf`` is back in the tier; ``buf`` may be freed after this call."""
+    _wait(_POOLS[key], ("out", slot), buf.device)
+
+
+def tier_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` whose storage is in the slow tier: an unlinked memory-mapped file
+    in ``POCKC_PAGE_DIR`` on CPU (file-backed pages the kernel may write back and drop under
+    memory pressure), pinned host memory for a CUDA tensor. The mapping lives as long as the
+    tensor."""
+    if x.device.type == "cuda":
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        out.copy_(x)
+        out._pockc_tier = True
+        return out
+    nbytes = x.numel() * x.element_size()
+    d = os.environ.get("POCKC_PAGE_DIR") or tempfile.gettempdir()
+    fd, path = tempfile.mkstemp(prefix="pockc-state-", dir=d)
+    try:
+        os.ftruncate(fd, max(nbytes, 1))
+        m = mmap.mmap(fd, max(nbytes, 1))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    # torch.frombuffer holds a reference to the mapping in the storage: it stays open while any
+    # tensor over that storage lives
+    out = torch.frombuffer(m, dtype=x.dtype, count=x.numel()).view(x.shape) if nbytes else x.new_empty(x.shape)
+    out.copy_(x)
+    out._pockc_tier = True
+    return out
+
+
+def is_tier_tensor(x) -> bool:
+    """Whether ``x`` was made by :func:`tier_tensor`."""
+    return bool(getattr(x, "_pockc_tier", False))
+
+
 # Functions with effects the graph must keep even without users, and which output aliases which
 # argument (for the memory planner).
-PAGE_FUNCTIONS = (page_out, page_out_wait, page_in, page_in_wait)
+PAGE_FUNCTIONS = (page_out, page_out_wait, page_in, page_in_wait, state_in, state_in_wait, state_out, state_out_wait)

@@ -151,6 +151,8 @@ def graph_to_json(gm: fx.GraphModule):
         role = n.meta.get("pockc.role")
         if role is not None:
             d["role"] = role
+        if n.meta.get("pockc.tier"):        # optimizer state kept in the slow tier (runtime/paging.py)
+            d["tier"] = n.meta["pockc.tier"]
         nodes.append(d)
     return {"format": FORMAT, "version": VERSION, "nodes": nodes}, constants
 
@@ -181,6 +183,8 @@ def graph_from_json(d: dict, constants: dict) -> fx.GraphModule:
                 raise ProgramError(f"node name {nd['name']!r} is not usable")
             if "role" in nd:
                 node.meta["pockc.role"] = nd["role"]
+            if "tier" in nd:
+                node.meta["pockc.tier"] = nd["tier"]
             env[nd["name"]] = node
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ProgramError):

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from . import heap
+from . import heap, paging
 from .batch import batch_signature, batch_tensors, describe_leaf, signature_difference
 from .errors import BatchError, StepError
 from .optim import ACCUM_INV, ACCUM_ITEMS, ACCUM_STATE, Optimizer, checked_optimizer
@@ -95,6 +95,7 @@ class TrainStep:
                 state[(name, s)] = (init[name][s] if s != ACCUM_STATE
                                     else torch.zeros_like(rows[name], memory_format=torch.contiguous_format))
         self.state = state
+        self._place_tier(graph)
 
     def _restore_signature(self, signature, nargs, source=None):
         """A loaded step: specialized to the saved batch signature, with no compiler behind it."""
@@ -130,8 +131,18 @@ class TrainStep:
         gm = self._graphs.get(key)
         if gm is None:
             gm = self._graphs[key] = self._specialize(key, batch)
+            self._place_tier(gm)
         self._last = (key, gm)
         return gm
+
+    def _place_tier(self, gm):
+        """Move the optimizer state that ``gm`` keeps in the slow tier (placeholders marked
+        ``pockc.tier``, passes/rematerialize.py) into tier storage (runtime/paging.py), once."""
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        k = len(self.layout.params) + len(self.layout.frozen) + len(self.layout.buffers)
+        for ph, key in zip(phs[k:], map(tuple, self.layout.state)):
+            if ph.meta.get("pockc.tier") and not paging.is_tier_tensor(self.state[key]):
+                self.state[key] = paging.tier_tensor(self.state[key])
 
     def _specialize(self, key, batch):
         sig = key[0]

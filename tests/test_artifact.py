@@ -333,9 +333,9 @@ def test_loaded_step_runs_without_the_compiler(tmp_path):
 def test_paged_and_recomputed_step_resumes(tmp_path):
     """A step whose program pages activations out and back (pockc.runtime.paging calls) and draws
     dropout masks (bert) saves and resumes exactly."""
-    from tests.test_paging import FAST_PAGE, OPT, _p0
+    from tests.test_paging import FAST_PAGE, PLAIN as OPT, _p0
     ex = zoo.bert()
-    p0, persist = _p0(ex)
+    p0, persist = _p0(ex, OPT)
     budget = int(persist + 0.75 * (p0 - persist))
 
     def make():

@@ -15,6 +15,7 @@ from pockc.runtime import paging
 from tests.oracle import assert_match, eager_steps
 
 OPT = dict(lr=0.01, momentum=0.9)
+PLAIN = dict(lr=0.01)
 
 # A device whose page tier is as fast as its compute is slow: the planner should page first.
 FAST_PAGE = {"name": "fast-page", "compute": {"flop_rate": 1e8, "overhead": 1e-5},
@@ -23,9 +24,9 @@ FAST_PAGE = {"name": "fast-page", "compute": {"flop_rate": 1e8, "overhead": 1e-5
 NO_PAGE = {"name": "no-tier", "compute": {"flop_rate": 1e10}, "memory": {"ram": {"bandwidth": 1e10}}}
 
 
-def _p0(ex):
+def _p0(ex, opt=OPT):
     step = pockc.compile(copy.deepcopy(ex.model), ex.loss_fn, ex.example_batch, update="full",
-                         optimizer=pockc.SGD(**OPT))
+                         optimizer=pockc.SGD(**opt))
     m = step.memory.plan
     return m.required_bytes, m.persistent_bytes
 
@@ -52,12 +53,13 @@ def test_runtime_roundtrip_cpu():
 
 @pytest.mark.parametrize("name", ["bert", "mobilenet_v2", "llama"])
 def test_paged_step_matches_eager(name):
-    """Dropout masks (bert), in-place BN + ReLU storages (mobilenet_v2), RoPE and attention (llama)."""
+    """Dropout masks (bert), in-place BN + ReLU storages (mobilenet_v2), RoPE and attention (llama).
+    Plain SGD: no optimizer state the solver could page instead (tests/test_paged_state.py pages that)."""
     ex = zoo.ZOO[name]()
-    p0, persist = _p0(ex)
+    p0, persist = _p0(ex, PLAIN)
     budget = int(persist + 0.75 * (p0 - persist))
     m_c, m_e = copy.deepcopy(ex.model), copy.deepcopy(ex.model)
-    opt = pockc.SGD(**OPT)
+    opt = pockc.SGD(**PLAIN)
     step = pockc.compile(m_c, ex.loss_fn, ex.example_batch, update="full", optimizer=opt, budget=budget,
                          device_profile=FAST_PAGE)
     rep = step.remat
