@@ -81,7 +81,7 @@ def configs(quick):
         return [("mobilenet_v2", dict(batch=2, image=32, width=0.25)),
                 ("resnet", dict(batch=2, image=32)),
                 ("bert", dict(batch=2, seq=16))]
-    return [("mobilenet_v2", dict(batch=8, image=96, width=0.5)),
+    return [("mobilenet_v2", dict(batch=4, image=96, width=1.0)),
             ("resnet", dict(batch=8, image=64, width=16)),
             ("bert", dict(batch=8, seq=128, d=128, heads=4, layers=4, ffn=512, vocab=1000))]
 

@@ -112,6 +112,12 @@ class RematReport:
     objective: str = "time"                          # what the solver minimized
     added_cost: float = 0.0                          # in the objective's unit (s or J)
     cost_model: str = "default"                      # the cost model / device profile's name
+    step_seconds: float = 0.0                        # estimated time of the step as traced (same model)
+
+    @property
+    def overhead(self) -> float:
+        """Estimated added time over the step's own estimated time."""
+        return self.added_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
 
     @property
     def bytes_saved(self) -> int:
@@ -120,6 +126,7 @@ class RematReport:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["bytes_saved"] = self.bytes_saved
+        d["overhead"] = self.overhead
         return d
 
     def table(self) -> str:
@@ -135,7 +142,9 @@ class RematReport:
                                           f"in the slow tier"],
                 ["ops added", f"{self.nodes_added}"],
                 ["added time (estimate)", f"{self.added_seconds * 1e3:.3f} ms, {self.added_flops / 1e6:.2f} MFLOP"
-                                          f" recomputed"],
+                                          f" recomputed"
+                                          + (f", {self.overhead:.1%} of the step's {self.step_seconds * 1e3:.2f} ms"
+                                             if self.step_seconds > 0 else "")],
                 ["cost model", f"{self.cost_model}, minimizing {self.objective}"]]
         if self.objective == "energy":
             rows.append(["added energy (estimate)", f"{self.added_cost * 1e3:.4f} mJ"])
@@ -847,7 +856,7 @@ def rematerialize(gm: fx.GraphModule, layout=None, budget_bytes: int | None = No
                           b.mp.required_bytes, n_saved, n_rec, b.recomputed, b.added, b.seconds, b.flops, fits,
                           tries, paged=b.paged, pageable=len(cands) - n_rec, objective=cost.objective,
                           added_cost=b.cost, cost_model=cost.name, paged_state=getattr(b, "paged_state", []),
-                          paged_state_bytes=getattr(b, "paged_state_bytes", 0))
+                          paged_state_bytes=getattr(b, "paged_state_bytes", 0), step_seconds=float(sum(G.sec)))
         if b.recomputed or b.paged or rep.paged_state:
             b.graph.lint()
             gm.graph = b.graph             # (the setter recompiles)

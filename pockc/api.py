@@ -174,7 +174,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
             max_layers: int = 12, remat: str = "auto", device_profile=None,
             objective: str | None = None, accumulate: int = 1, max_grad_norm: float | None = None,
             num_items=None, head_chunk_rows: int | None = None, precision: str = "fp32",
-            distributed="auto") -> TrainStep:
+            distributed="auto", max_overhead: float = 0.15) -> TrainStep:
     """Compile one training step of ``model``.
 
     ``update`` is a preset (``"full"``, ``"bias"``, ``"last:K"``, ``"head"``; join with ``+``), a
@@ -200,7 +200,10 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     right before its tensor's update and back right after, chosen by the same solver; the memory
     plan counts those bytes in its ``paged`` row, not against the budget;
     ``"recompute"`` -- recompute only, never page; ``"off"`` -- neither. The budget-driven choice
-    of an update plan (no ``update``) considers plans without recomputation.
+    of an update plan (no ``update``) also considers plans that fit only that way, when the
+    solver's estimated added time is at most ``max_overhead`` (default 0.15) of the step's own
+    estimated time; it picks the plan of most expected benefit (``step.selection.table()`` lists
+    the plans tried; ``max_overhead=0``: only plans that fit as they are).
     ``device_profile``: plan the trade for another device -- a bundled profile name
     (``pockc.remat_cost.profiles()``: ``"mcu-cortex-m7"``, ``"raspberry-pi-4"``,
     ``"jetson-nano"``, ...), a JSON file or a dict (pockc/profiles/README.md); default: this
@@ -262,7 +265,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     args = (model, loss_fn, example_batch, update, optimizer)
     kw = dict(budget=budget, verbose=verbose, backend=backend, scores=scores, max_layers=max_layers, remat=remat,
               device_profile=device_profile, objective=objective, accumulate=accumulate, max_grad_norm=max_grad_norm,
-              num_items=num_items, head_chunk_rows=head_chunk_rows, precision=precision)
+              num_items=num_items, head_chunk_rows=head_chunk_rows, precision=precision, max_overhead=max_overhead)
     if comm is None:
         return _compile_local(*args, **kw)
     return compile_collectively(comm, lambda: _compile_local(*args, **kw, comm=comm), model)
@@ -270,7 +273,7 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
 
 def _compile_local(model, loss_fn, example_batch, update, optimizer, *, budget, verbose, backend, scores, max_layers,
                    remat, device_profile, objective, accumulate, max_grad_norm, num_items, head_chunk_rows, precision,
-                   comm=None) -> TrainStep:
+                   max_overhead=0.15, comm=None) -> TrainStep:
     """compile on this process (``comm``: with the gradients all-reduced in the program)."""
     batch, optimizer = _check_inputs(model, loss_fn, example_batch, optimizer)
     check_training_options(accumulate, max_grad_norm, num_items, head_chunk_rows)
@@ -285,6 +288,9 @@ def _compile_local(model, loss_fn, example_batch, update, optimizer, *, budget, 
         check_scores_match(scores, model)          # scores measured on another model are an error
     if remat not in ("auto", "recompute", "off"):
         raise CompileError(f"remat must be 'auto', 'recompute' or 'off', not {remat!r}")
+    if (isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float))
+            or not 0 <= max_overhead < float("inf")):
+        raise CompileError(f"max_overhead must be a number >= 0 (a fraction of the step's time), not {max_overhead!r}")
     cost_model = None
     if device_profile is not None or objective is not None:
         from pockc.remat_cost import CostModel, default_cost_model
@@ -315,12 +321,26 @@ def _compile_local(model, loss_fn, example_batch, update, optimizer, *, budget, 
                 _PROBE_CACHE[key] = peak
             return peak
 
+        def fit_with_remat(p):
+            """The bytes plan ``p`` needs rematerialized under the budget within ``max_overhead``."""
+            key = p.to_json()
+            if key not in built:
+                plan_peak(p)
+            g, lay, _ = built.pop(key)
+            g, rep, mem = _rematerialize(g, lay, batch, budget_bytes, remat, backend, cost_model, accumulate)
+            if not rep.fits or rep.overhead > max_overhead or mem.required_bytes > budget_bytes:
+                return None, rep
+            built[key] = (g, lay, mem)       # _compile_plan takes it as it is
+            return mem.required_bytes, rep
+
         base = getattr(scores, "base", None)        # LayerScores measured on top of a base update
         required = resolve_update(base, model, order).rules if base is not None else None
         selection = select_under_budget(model, budget_bytes, order, plan_peak, scores=scores, required=required,
                                         max_layers=max_layers, batch_size=batch_size_of(batch),
                                         progress=True if verbose else None,
-                                        state_tensors=len(optimizer.state_names) + (accumulate > 1))
+                                        state_tensors=len(optimizer.state_names) + (accumulate > 1),
+                                        fit_with_remat=fit_with_remat if remat != "off" and max_overhead > 0 else None,
+                                        max_overhead=max_overhead)
         plan = selection.plan
     else:
         plan = resolve_update("full" if update is None else update, model, order)
@@ -354,15 +374,12 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
     if budget_bytes is not None and mem.required_bytes > budget_bytes and head_chunk_rows is None:
         gm, layout, mem, gopts = _fit_head_chunks(model, loss_fn, batch, plan, optimizer, gopts, gm, layout, mem,
                                                   budget_bytes)
-    remat_report = None
+    remat_report = gm.meta.get("pockc.remat")       # rematerialized already by the budget selection
     step_backend = step_backend_for(backend, gm, batch)
     paging = remat == "auto" and step_backend == "aten"   # the page calls run in the FX program
     if budget_bytes is not None and mem.required_bytes > budget_bytes and remat != "off":
-        from pockc.passes.rematerialize import rematerialize       # recompute / page saved activations
-        gm = run_passes(gm, [("rematerialize", lambda g: rematerialize(g, layout, budget_bytes, cost=cost_model,
-                                                                      allow_paging=paging,
-                                                                      page_state=accumulate == 1))])
-        remat_report = gm.meta["pockc.remat"]
+        gm, remat_report, remat_mem = _rematerialize(gm, layout, batch, budget_bytes, remat, backend, cost_model,
+                                                     accumulate)
         if not remat_report.fits:
             how = ("recomputing activations" if not paging else "recomputing or paging activations" if accumulate > 1
                    else "recomputing or paging activations and paging optimizer state")
@@ -373,8 +390,7 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
                               f"none), use a smaller batch or a larger budget")
             err.smallest_bytes = remat_report.required_after
             raise err
-        remat_plan = gm.meta.pop("pockc.remat_plan", None)
-        mem = remat_plan if remat_plan is not None and accumulate == 1 else plan_step_memory(gm, layout)
+        mem = remat_mem
     if budget_bytes is not None and mem.required_bytes > budget_bytes:
         raise BudgetError(f"update plan {update!r} needs {format_bytes(mem.required_bytes)} (planned peak "
                           f"{mem.peak_bytes:,} B, arena {mem.arena_bytes:,} B), over the "
@@ -411,6 +427,18 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
     step.fused_head = gm.meta.get("pockc.fused_head", [])   # passes/fuse_linear_ce.py: rows, vocab, chunks
     step.precision = precision
     return step
+
+
+def _rematerialize(gm, layout, batch, budget_bytes, remat, backend, cost_model, accumulate):
+    """Recompute / page saved activations (and page optimizer state) to fit ``budget_bytes``:
+    the graph, its RematReport and its memory plan."""
+    from pockc.passes.rematerialize import rematerialize
+    paging = remat == "auto" and step_backend_for(backend, gm, batch) == "aten"  # page calls run in the program
+    gm = run_passes(gm, [("rematerialize", lambda g: rematerialize(g, layout, budget_bytes, cost=cost_model,
+                                                                  allow_paging=paging,
+                                                                  page_state=accumulate == 1))])
+    plan = gm.meta.pop("pockc.remat_plan", None)
+    return gm, gm.meta["pockc.remat"], plan if plan is not None and accumulate == 1 else plan_step_memory(gm, layout)
 
 
 def _fit_head_chunks(model, loss_fn, batch, plan, optimizer, gopts, gm, layout, mem, budget_bytes):

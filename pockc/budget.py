@@ -24,6 +24,15 @@ programming. The model is usually pessimistic (the backward through later layers
 chosen plan is then compiled and planned for real: if it exceeds the budget the capacity shrinks by
 the excess and the knapsack is solved again; if it leaves room the capacity grows by the slack.
 Only a plan whose *real* planned peak fits is ever returned.
+
+With ``fit_with_remat`` (compile's default: ``max_overhead=0.15``), plans that do not fit as they
+are may still fit by recomputing or paging saved activations (and paging optimizer state):
+once the search above has settled, the capacity of the additive model grows step by step beyond
+the budget, each new plan is compiled and handed to the rematerialization solver, and a plan
+counts as fitting when the solver fits it under the budget at an estimated added time of at most
+``max_overhead`` of the step's own estimated time (pockc/remat_cost.py). Growth stops at the
+first plan the solver cannot fit that cheaply (then bisects once between it and the last that
+fitted) or when the knapsack takes every candidate; the plan of most benefit wins.
 """
 from __future__ import annotations
 
@@ -40,6 +49,8 @@ from pockc.plan import Rule, UpdatePlan, _is_norm, canonical_names, tied_paramet
 CHANNEL_RATIOS = (0.125, 0.25, 0.5)
 OPTION_PRIOR = {"bias": 0.3, "channels:0.125": 0.45, "channels:0.25": 0.55, "channels:0.5": 0.75, "full": 1.0}
 MAX_REFINE = 6
+REMAT_TRIES = 6           # plans handed to the rematerialization solver, at most
+REMAT_GROWTH = 1.5        # capacity factor per step beyond the plans that fit as they are
 DP_UNITS = 4000
 
 
@@ -64,6 +75,10 @@ class Selection:
     chosen: dict = field(default_factory=dict)   # layer -> option
     base: int = 0
     tries: list = field(default_factory=list)    # (capacity, planned peak, fits)
+    remat_tries: list = field(default_factory=list)  # (capacity, peak as traced, fits, overhead, how)
+    remat: object = None          # the chosen plan's RematReport when it fits only through remat
+    max_overhead: float | None = None
+    benefit: float = 0.0          # the chosen plan's expected benefit (the source's units)
     seconds: float = 0.0
     source: str = "prior"
     required: dict = field(default_factory=dict)  # param name -> Rule, trained by every plan
@@ -78,14 +93,30 @@ class Selection:
                          ("~" if c.estimated else "") + f"{c.cost:,}",
                          "yes" if self.chosen.get(c.layer) == c.option else ""])
         alone = "peak with base (B)" if self.required else "peak alone (B)"
-        return tabulate(rows, headers=["layer", "option", f"benefit ({self.source})", alone,
-                                       "cost over base (B)", "chosen"], tablefmt="simple")
+        out = tabulate(rows, headers=["layer", "option", f"benefit ({self.source})", alone,
+                                      "cost over base (B)", "chosen"], tablefmt="simple")
+        if self.remat_tries:
+            rt = [[f"{c:,}", f"{p:,}", "yes" if f else "no", why] for c, p, f, _, why in self.remat_tries]
+            out += "\n\n" + tabulate(rt, headers=["capacity (B)", "peak as traced (B)",
+                                                   f"fits with remat (overhead <= {self.max_overhead:.0%})",
+                                                   "how"], tablefmt="simple")
+        if self.remat is not None:
+            r = self.remat
+            out += (f"\nchosen plan fits through rematerialization: {len(r.recomputed)} tensors recomputed, "
+                    f"{len(r.paged)} paged, {len(r.paged_state)} optimizer state tensors paged; estimated "
+                    f"added time {r.added_seconds * 1e3:.2f} ms ({r.overhead:.1%} of the step)")
+        return out
 
     def to_dict(self) -> dict:
         return {"budget": self.budget, "peak": self.peak, "base": self.base, "chosen": self.chosen,
+                "benefit": self.benefit,
                 "source": self.source, "seconds": round(self.seconds, 3),
                 "required": {n: str(r) for n, r in self.required.items()},
                 "tries": [{"capacity": c, "peak": p, "fits": f} for c, p, f in self.tries],
+                "max_overhead": self.max_overhead,
+                "remat_tries": [{"capacity": c, "peak": p, "fits": f, "overhead": o, "how": w}
+                                for c, p, f, o, w in self.remat_tries],
+                "remat": None if self.remat is None else self.remat.to_dict(),
                 "candidates": [{"layer": c.layer, "option": c.option, "benefit": c.benefit, "peak": c.peak,
                                 "estimated": c.estimated, "cost": c.cost} for c in self.candidates]}
 
@@ -174,7 +205,8 @@ def knapsack(groups, capacity: int, units: int = DP_UNITS):
 
 
 def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=None, max_layers=12,
-                        batch_size=None, progress=None, state_tensors=1, required=None) -> Selection:
+                        batch_size=None, progress=None, state_tensors=1, required=None,
+                        fit_with_remat=None, max_overhead=None) -> Selection:
     """Choose an UpdatePlan whose real planned peak fits ``budget`` bytes.
 
     ``required`` (param name -> Rule): a base update every plan trains (e.g. a new classifier);
@@ -183,6 +215,9 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
     ``plan_peak(UpdatePlan, final=bool) -> int`` compiles a plan and returns the bytes it needs
     (its planned peak, or its static arena where fragmentation makes that larger)
     (``final=False`` for the single-layer probes, which may skip the memory scheduling).
+    ``fit_with_remat(UpdatePlan) -> (bytes or None, report)``: the bytes the plan needs once
+    rematerialized under ``budget`` within the time bound, None when it cannot (see the module
+    docstring); called only for plans ``plan_peak`` found over the budget.
     Raises BudgetError with the smallest reachable peak when nothing fits.
     """
     from tqdm.auto import tqdm
@@ -243,31 +278,40 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
     sel = Selection(None, 0, budget, cands, base=base, source="scores" if scores is not None else "prior",
                     required=dict(required))
     capacity = budget - base
-    best = None                                   # (benefit, plan, peak, chosen)
+    best = None                                   # (benefit, plan, peak, chosen, remat report)
     seen = {}
-    for _ in range(MAX_REFINE):
+    sel.max_overhead = max_overhead
+
+    def solve(capacity):
+        """The knapsack's plan at ``capacity``: (key, chosen, plan, benefit), None if empty."""
         pick = knapsack([[(c.cost, c.benefit) for c in groups[m]] for m in order], capacity)
         if pick is None:
-            break
+            return None
         chosen = {m: groups[m][j].option for m, j in zip(order, pick) if j is not None}
-        key = tuple(sorted(chosen.items()))
         if not chosen and not required:
+            return None
+        rules = dict(required)
+        for m, j in zip(order, pick):
+            if j is not None:
+                rules.update(groups[m][j].rules)
+        benefit = sum(groups[m][j].benefit for m, j in zip(order, pick) if j is not None)
+        return tuple(sorted(chosen.items())), chosen, rules, benefit
+
+    for _ in range(MAX_REFINE):
+        got = solve(capacity)
+        if got is None:
             break
+        key, chosen, rules, benefit = got
         if key in seen:
             peak = seen[key]
         else:
-            rules = dict(required)
-            for m, j in zip(order, pick):
-                if j is not None:
-                    rules.update(groups[m][j].rules)
             plan = _plan_of(model, rules)
             peak = plan_peak(plan)
             seen[key] = peak
-            benefit = sum(groups[m][j].benefit for m, j in zip(order, pick) if j is not None)
             fits = peak <= budget
             sel.tries.append((capacity, peak, fits))
             if fits and (best is None or benefit > best[0]):
-                best = (benefit, plan, peak, chosen)
+                best = (benefit, plan, peak, chosen, None)
         if peak > budget:
             capacity -= peak - budget
         elif budget - peak > max(64, budget // 200) and capacity < budget:
@@ -278,12 +322,63 @@ def select_under_budget(model, budget: int, exec_order, plan_peak, *, scores=Non
         fit = [c for c in probed if c.peak <= budget]
         if fit:
             c = max(fit, key=lambda c: c.benefit)
-            best = (c.benefit, _plan_of(model, {**required, **c.rules}), c.peak, {c.layer: c.option})
+            best = (c.benefit, _plan_of(model, {**required, **c.rules}), c.peak, {c.layer: c.option}, None)
         else:     # only the base plan fits
-            best = (0.0, _plan_of(model, required), base, {})
-    sel.plan, sel.peak, sel.chosen = best[1], best[2], best[3]
+            best = (0.0, _plan_of(model, required), base, {}, None)
+    if fit_with_remat is not None:
+        best = _grow_with_remat(sel, solve, best, seen, budget, base, plan_peak, fit_with_remat, model,
+                                sum(max(c.cost for c in g) for g in groups.values()))
+    sel.benefit, sel.plan, sel.peak, sel.chosen, sel.remat = best
     sel.seconds = time.perf_counter() - t0
     return sel
+
+
+def _grow_with_remat(sel, solve, best, seen, budget, base, plan_peak, fit_with_remat, model, everything):
+    """Plans beyond what fits as it is, rematerialized (module docstring). Returns the new best."""
+    ok_cap = max(budget - base, 1)      # the capacity at which the best plan so far was found
+    bad_cap = None
+    capacity = ok_cap
+    tried = 0
+    while tried < REMAT_TRIES:
+        if bad_cap is None:
+            if capacity >= everything:
+                break                       # the knapsack already takes every candidate
+            capacity = min(int(capacity * REMAT_GROWTH) + 1, everything)
+        else:
+            capacity = (ok_cap + bad_cap) // 2
+            if bad_cap - ok_cap <= max(1024, ok_cap // 20):
+                break
+        got = solve(capacity)
+        if got is None:
+            break
+        key, chosen, rules, benefit = got
+        if key in seen and seen[key] is None:   # known not to fit, even rematerialized
+            bad_cap = capacity
+            continue
+        if benefit <= best[0]:              # the same plan or one of no more benefit
+            if bad_cap is not None:
+                ok_cap = capacity
+            continue
+        plan = _plan_of(model, rules)
+        peak = seen[key] if key in seen else plan_peak(plan)
+        tried += 1
+        if peak <= budget:                  # fits as it is (the additive model was pessimistic)
+            fits, need, report, how = True, peak, None, "fits as it is"
+        else:
+            need, report = fit_with_remat(plan)
+            fits = need is not None
+            how = (f"estimated overhead {report.overhead:.1%}" if fits or report.fits and report.overhead > sel.max_overhead
+                   else f"smallest peak {report.required_after:,} B")
+            if not fits and report.fits and report.overhead > sel.max_overhead:
+                how += ", over the bound"
+        seen[key] = peak if fits else None
+        sel.remat_tries.append((capacity, peak, fits, None if report is None else report.overhead, how))
+        if fits:
+            best = (benefit, plan, need, chosen, report)
+            ok_cap = capacity
+        else:
+            bad_cap = capacity
+    return best
 
 
 def _no_fit_message(budget, smallest, batch_size):

@@ -105,7 +105,9 @@ def test_paged_adam_state_equals_the_unbudgeted_step(name):
     float64 elsewhere)."""
     ex = zoo.ZOO[name]()
     opt = pockc.AdamW(lr=1e-3, weight_decay=0.01)
-    budget, _ = _budget_below_persistent(ex, opt, 0.2)
+    # 10% of the moments below the persistent bytes: a margin over the floor (at 20% MobileNetV2's
+    # floor is within 2 KB of the budget, and kernel scratch varies with the thread count)
+    budget, _ = _budget_below_persistent(ex, opt, 0.1)
     m_ref, m_paged = copy.deepcopy(ex.model), copy.deepcopy(ex.model)
     ref = pockc.compile(m_ref, ex.loss_fn, ex.example_batch, update="full", optimizer=opt)
     step = pockc.compile(m_paged, ex.loss_fn, ex.example_batch, update="full", optimizer=opt, budget=budget,
