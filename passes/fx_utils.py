@@ -12,8 +12,9 @@ aten = torch.ops.aten
 
 # Ops whose schema does not mark a mutated argument although the kernel writes it
 # (batch norm updates running_mean / running_var in place).
-HIDDEN_MUTATION = {
+HIDDEN_MUTATION = {   # ops that write running_mean / running_var although their schema does not say so
     aten.native_batch_norm.default: (3, 4),
+    aten.native_batch_norm.out: (3, 4),          # passes/inplace_ops.py's batch norm into its input
     aten._native_batch_norm_legit.default: (3, 4),
 }
 for _name in ("cudnn_batch_norm", "miopen_batch_norm"):

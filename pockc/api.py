@@ -101,12 +101,14 @@ def build_graph(model, loss_fn, batch, plan: UpdatePlan, optimizer, *, schedule:
         ("plan_memory(before)", lambda g: _record_peak_before(g, layout)),  # for the report
         ("schedule_updates", schedule_updates),                           # update right after grad
     ] + ([("schedule_memory", lambda g: schedule_memory(g, layout)),   # reorder for a lower peak
-          ("inplace_ops", lambda g: inplace_ops(g, layout))] if schedule else [])  # reuse dying inputs
+          ("inplace_ops", lambda g: inplace_ops(g, layout, batch_norm=False if portable else None))]
+         if schedule else [])
         + [("defer_writes", lambda g: defer_writes(g, layout))]          # no state written before the loss
         + ([("overlap_collectives", lambda g: overlap_collectives(g, layout))] if comm is not None else []))
     return gm, layout
 
 
+PATCH_TILES = 4        # H-wise tiles of a frozen high-resolution stage run patch by patch (passes/patch_stages.py)
 _NO_FOREACH = 1 << 62   # foreach_min_tensors that no group reaches: one update per tensor
 
 _PROBE_CACHE: dict = {}   # planned peaks of single-layer probe plans, reused by later compiles
@@ -374,6 +376,15 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
     if budget_bytes is not None and mem.required_bytes > budget_bytes and head_chunk_rows is None:
         gm, layout, mem, gopts = _fit_head_chunks(model, loss_fn, batch, plan, optimizer, gopts, gm, layout, mem,
                                                   budget_bytes)
+    patch_report = None
+    if (budget_bytes is not None and mem.required_bytes > budget_bytes and remat != "off" and accumulate == 1
+            and gopts.get("comm") is None and "pockc.remat" not in gm.meta):
+        # a peak in the forward of frozen high-resolution stages: run them tile by tile
+        from pockc.passes.patch_stages import patch_stages
+        gm = run_passes(gm, [("patch_stages", lambda g: patch_stages(g, layout, tiles=PATCH_TILES))])
+        if gm.meta["pockc.patch"]["stage"] is not None:
+            patch_report = gm.meta["pockc.patch"]
+            mem = plan_step_memory(gm, layout)
     remat_report = gm.meta.get("pockc.remat")       # rematerialized already by the budget selection
     step_backend = step_backend_for(backend, gm, batch)
     paging = remat == "auto" and step_backend == "aten"   # the page calls run in the FX program
@@ -409,12 +420,20 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
         if g.meta.get("pockc.buckets") != gm.meta.get("pockc.buckets"):   # every rank reduces the same buckets
             raise CompileError("recompiling for a new batch, model mode or optimizer setting changed the step's "
                                "gradient all-reduces; compile again on every rank")
+        if patch_report is not None:   # the same stage, tiled again
+            if portable:
+                raise CompileError("this step runs its frozen high-resolution stages tile by tile to fit its budget; "
+                                   "the exported program would not: export it with a larger budget")
+            from pockc.passes.patch_stages import patch_stages
+            g = patch_stages(g, lay, tiles=patch_report["tiles"], cut=patch_report["stage"]["end"]).graph_module
         if remat_report is not None:   # recompute the same tensors in the new shapes
             if portable and (remat_report.paged or remat_report.paged_state):
                 raise CompileError("this step pages activations to a file between its forward and backward passes "
                                    "(remat='auto' under its budget); another runtime cannot run that: compile with "
                                    "remat='recompute' to export it")
+            from pockc.passes.chunk_backward import chunk_backward
             from pockc.passes.rematerialize import rematerialize
+            g = chunk_backward(g, lay).graph_module       # as _rematerialize rewrote the traced graph
             g = rematerialize(g, lay, None, recompute=remat_report.recomputed, page=remat_report.paged,
                               state=remat_report.paged_state).graph_module
         return g
@@ -424,6 +443,7 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
     step.memory = StepMemory(step, mem, gm.meta.get("pockc.peak_before"), gm.meta.get("pockc.schedule"))
     step.budget = budget_bytes
     step.remat = remat_report
+    step.patch = patch_report
     step.fused_head = gm.meta.get("pockc.fused_head", [])   # passes/fuse_linear_ce.py: rows, vocab, chunks
     step.precision = precision
     return step
@@ -432,9 +452,11 @@ def _compile_plan(model, loss_fn, batch, plan, optimizer, built, gopts, opts, bu
 def _rematerialize(gm, layout, batch, budget_bytes, remat, backend, cost_model, accumulate):
     """Recompute / page saved activations (and page optimizer state) to fit ``budget_bytes``:
     the graph, its RematReport and its memory plan."""
+    from pockc.passes.chunk_backward import chunk_backward
     from pockc.passes.rematerialize import rematerialize
     paging = remat == "auto" and step_backend_for(backend, gm, batch) == "aten"  # page calls run in the program
-    gm = run_passes(gm, [("rematerialize", lambda g: rematerialize(g, layout, budget_bytes, cost=cost_model,
+    gm = run_passes(gm, [("chunk_backward", lambda g: chunk_backward(g, layout)),   # large backward temporaries
+                         ("rematerialize", lambda g: rematerialize(g, layout, budget_bytes, cost=cost_model,  # in place
                                                                   allow_paging=paging,
                                                                   page_state=accumulate == 1))])
     plan = gm.meta.pop("pockc.remat_plan", None)

@@ -490,6 +490,8 @@ def _compile(args):
     plan["memory"] = step.memory.to_dict()
     if step.remat is not None:
         plan["remat"] = step.remat.to_dict()
+    if step.patch is not None:
+        plan["patch"] = step.patch
     if step.selection is not None:
         plan["selection"] = step.selection.to_dict()
     outputs["plan.json"] = json.dumps(plan, indent=1) + "\n"
@@ -500,6 +502,11 @@ def _compile(args):
         lines += [f"chose the plan of most expected benefit ({sel.source}) that fits, from "
                   f"{len(sel.candidates)} single-layer options of the last {len(dict.fromkeys(c.layer for c in sel.candidates))} "
                   f"layers, {len(sel.tries)} plan(s) verified, in {sel.seconds:.1f}s:", sel.table(), ""]
+    if step.patch is not None:
+        pr = step.patch
+        lines += [f"patch-based stage: {pr['stage']['nodes']} frozen forward ops ({pr['stage']['start']} .. "
+                  f"{pr['stage']['end']}) run in {pr['tiles']} tiles with {pr['stats_passes']} batch-norm statistics "
+                  f"passes; planned peak {pr['peak_before']:,} B -> {pr['peak_after']:,} B", ""]
     if step.remat is not None:
         lines += [step.remat.table(), ""]
     lines += [step.update_plan.table(), "", step.memory.table(budget), "", step.memory.summary(budget), "",
