@@ -96,16 +96,17 @@ def run(quick=False):
         e_full, e_full_storage = eager_peak(copy.deepcopy(model), cfg["loss_fn"], cfg["batch"], cfg["opt"], None)
         e_same, e_same_storage = eager_peak(copy.deepcopy(model), cfg["loss_fn"], cfg["batch"], cfg["opt"],
                                             step.update_plan)
-        times = {}
-        for label, fn in (("pockc", step), ("eager", EagerStep(copy.deepcopy(model), cfg["loss_fn"],
-                                                               copy.deepcopy(cfg["opt"]), step.update_plan))):
-            fn(*cfg["batch"])
-            ts = []
-            for _ in range(5):
+        fns = {"pockc": step, "eager": EagerStep(copy.deepcopy(model), cfg["loss_fn"], copy.deepcopy(cfg["opt"]),
+                                                 step.update_plan)}
+        times = {k: [] for k in fns}
+        for f in fns.values():
+            f(*cfg["batch"])                                   # warm-up
+        for _ in range(7):                                     # interleaved: the machine's noise hits both
+            for k, f in fns.items():
                 t0 = time.perf_counter()
-                fn(*cfg["batch"])
-                ts.append(time.perf_counter() - t0)
-            times[label] = statistics.median(ts)
+                f(*cfg["batch"])
+                times[k].append(time.perf_counter() - t0)
+        times = {k: statistics.median(v) for k, v in times.items()}
         rows.append(dict(
             model=cfg["name"], update=(cfg["update"] or "chosen") + (f", budget {cfg['budget']}" if cfg["budget"] else "")
             + (f" ({step.patch['tiles']} tiles)" if getattr(step, "patch", None) else ""),
