@@ -205,7 +205,10 @@ def compile(model: torch.nn.Module, loss_fn, example_batch, update=None, optimiz
     of an update plan (no ``update``) also considers plans that fit only that way, when the
     solver's estimated added time is at most ``max_overhead`` (default 0.15) of the step's own
     estimated time; it picks the plan of most expected benefit (``step.selection.table()`` lists
-    the plans tried; ``max_overhead=0``: only plans that fit as they are).
+    the plans tried; ``max_overhead=0``: only plans that fit as they are). Over the budget with a
+    peak in the forward of frozen high-resolution stages (a CNN whose first blocks are frozen), those
+    stages run tile by tile first (passes/patch_stages.py, MCUNetV2's patch-based inference; exact,
+    train-mode batch norms included; several times slower; ``step.patch`` reports the stage).
     ``device_profile``: plan the trade for another device -- a bundled profile name
     (``pockc.remat_cost.profiles()``: ``"mcu-cortex-m7"``, ``"raspberry-pi-4"``,
     ``"jetson-nano"``, ...), a JSON file or a dict (pockc/profiles/README.md); default: this
