@@ -47,7 +47,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .fx_utils import PassResult, call, getitem
+from .fx_utils import PassResult, call, getitem, same_layout as _same_layout
 from .plan_memory import _nbytes, flat, storages_of
 
 aten = torch.ops.aten
@@ -57,11 +57,6 @@ BN_BWD = aten.native_batch_norm_backward.default
 DEFAULT_BN_CHUNKS = 4
 BN_PREFER = ("input", "grad")     # destination order where both die (measured: x first floors lower)
 GELU_PREFER = ("grad", "input")   # the gradient first: a saved activation stays unwritten
-
-
-def _same_layout(a, b) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.dtype == b.dtype and a.stride() == b.stride() and a.device == b.device)
 
 
 def _out_val(n):

@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from .fx_utils import PassResult, call
+from .inplace_ops import BN_OUT_OPS
 
 aten = torch.ops.aten
 
@@ -143,9 +144,4 @@ def fold_batchnorm(gm: fx.GraphModule, layout) -> PassResult:
 def count_batchnorms(gm: fx.GraphModule, eval_only=True) -> int:
     """Number of (eval-mode, by default) batch-norm ops left in ``gm``."""
     return sum(1 for n in gm.graph.nodes if (_eval_bn_args(n) is not None if eval_only else
-                                             n.target in (aten.native_batch_norm.default, *_BN_EVAL, *_BN_OUT)))
-
-
-# the out= forms passes/inplace_ops.py writes batch norm into its dying input with
-_BN_OUT = (aten.native_batch_norm.out, aten._native_batch_norm_legit_no_training.out,
-           aten._native_batch_norm_legit.no_stats_out)
+                                             n.target in (aten.native_batch_norm.default, *_BN_EVAL, *BN_OUT_OPS)))  # inplace_ops' forms

@@ -220,3 +220,10 @@ def refresh_vals(gm: fx.GraphModule, nodes) -> None:
             args, kwargs = torch.utils._pytree.tree_map(fv, (n.args, n.kwargs))
             with mode:
                 n.meta["val"] = n.target(*args, **kwargs)
+
+
+def same_layout(a, b) -> bool:
+    """``a`` and ``b`` are tensors of one shape, strides, dtype and device (one may be written
+    into the other's storage element for element)."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a.stride() == b.stride() and a.device == b.device)

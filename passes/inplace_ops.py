@@ -44,7 +44,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .fx_utils import PassResult, is_view
+from .fx_utils import PassResult, is_view, same_layout as _same_layout
 from .plan_memory import _nbytes, flat, storages_of
 
 aten = torch.ops.aten
@@ -81,6 +81,9 @@ INTO_INPUT = {
 BATCH_NORM = True     # module switch: batch norm writes its output into a dying input
 
 _BN = aten.native_batch_norm.default
+# the out= forms batch norm is rewritten to (train mode, train mode without running stats, eval mode)
+BN_OUT_OPS = (aten.native_batch_norm.out, aten._native_batch_norm_legit.no_stats_out,
+              aten._native_batch_norm_legit_no_training.out)
 _BN_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
 
@@ -140,11 +143,6 @@ def _bn_into_input(graph, n, x):
             u.replace_all_uses_with(empties[u.args[1] - 1])
             graph.erase_node(u)
     return True
-
-
-def _same_layout(a, b) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.dtype == b.dtype and a.stride() == b.stride() and a.device == b.device)
 
 
 def _own_storage(x, root, made):
